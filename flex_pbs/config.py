@@ -1,0 +1,105 @@
+"""`PBSConfig`: every knob of the PBS engine in one validated, immutable value."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+SCORINGS = ("antidiagonal", "mean")
+PERMUTES = ("key", "none")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"PBSConfig.{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"PBSConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _require_fraction(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"PBSConfig.{name} must be a float in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"PBSConfig.{name} must be in (0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class PBSConfig:
+    """Configuration of permuted block-sparse attention.
+
+    Attributes:
+        block_size: tokens per attention block (query and key); the FlexAttention tile.
+        segment_size: keys are sorted only inside complete segments of this many tokens;
+            must be a multiple of ``block_size``.
+        threshold: keep the fewest blocks whose cumulative score reaches this fraction of
+            the row total; ``1.0`` keeps every causal block (dense).
+        scoring: ``"antidiagonal"`` (XAttention-style strided antidiagonal sums) or
+            ``"mean"`` (softmax of mean-pooled Q·K, the PBS paper).
+        stride: antidiagonal stride S; must divide ``block_size``.
+        permute: ``"key"`` sorts keys inside segments by importance to the last query
+            block; ``"none"`` keeps the original order.
+        force_sink: always compute the block holding original token 0.
+        dense_below: sequences with fewer keys than this run dense attention (sequences
+            of at most ``segment_size`` keys always do: there is nothing to skip).
+        max_density: optional per-row budget: at most ``ceil(max_density * causal blocks)``
+            blocks are computed per query-block row (forced blocks are never dropped).
+        scoring_chunk: query blocks scored at once by the plain-torch antidiagonal path
+            (bounds its memory to ``chunk * block_size / stride * L / stride`` floats per head).
+    """
+
+    block_size: int = 128
+    segment_size: int = 256
+    threshold: float = 0.9
+    scoring: str = "antidiagonal"
+    stride: int = 8
+    permute: str = "key"
+    force_sink: bool = True
+    dense_below: int = 0
+    max_density: float | None = None
+    scoring_chunk: int = 16
+
+    def __post_init__(self) -> None:
+        _require_int("block_size", self.block_size, 16)
+        if self.block_size % 16:
+            raise ValueError(f"PBSConfig.block_size must be a multiple of 16, got {self.block_size}")
+        _require_int("segment_size", self.segment_size, 1)
+        if self.segment_size % self.block_size:
+            raise ValueError(
+                f"PBSConfig.segment_size ({self.segment_size}) must be a multiple of "
+                f"block_size ({self.block_size})"
+            )
+        _require_int("stride", self.stride, 1)
+        if self.block_size % self.stride:
+            raise ValueError(
+                f"PBSConfig.stride ({self.stride}) must divide block_size ({self.block_size})"
+            )
+        _require_fraction("threshold", self.threshold)
+        _require_fraction("max_density", self.max_density, allow_none=True)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.permute not in PERMUTES:
+            raise ValueError(f"PBSConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
+        if not isinstance(self.force_sink, bool):
+            raise TypeError(f"PBSConfig.force_sink must be a bool, got {self.force_sink!r}")
+        _require_int("dense_below", self.dense_below, 0)
+        _require_int("scoring_chunk", self.scoring_chunk, 1)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PBSConfig":
+        """Build a config from a mapping, rejecting unknown keys with the list of valid ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"unknown PBSConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**dict(values))
+
+    def replace(self, **changes: Any) -> "PBSConfig":
+        """A copy with some fields changed (validated like the constructor)."""
+        return PBSConfig.from_dict({**dataclasses.asdict(self), **changes})
+
+    def is_dense_for(self, kv_len: int) -> bool:
+        """Whether a sequence of ``kv_len`` keys falls back to dense attention."""
+        return kv_len <= self.segment_size or kv_len < self.dense_below

@@ -1,0 +1,83 @@
+"""Stage 5, attend: one compiled FlexAttention per device type, reused across calls.
+
+Changing the sequence length must never drop to the unfused eager path (which materialises
+the full score matrix). On CUDA the kernel is compiled with dynamic shapes, so one compile
+serves every length. Inductor's CPU template cannot build dynamic-shape kernels reliably
+(torch 2.13: ``cur_kvSplitSize`` undeclared), so on CPU lengths are padded up to a bucket —
+at most 8 buckets per doubling of the length, each compiled once — and the recompile limit is
+raised for this call only, with ``fail_on_recompile_limit_hit`` so that exhausting it raises
+instead of silently running eagerly.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .layout import cdiv
+
+# Distinct CPU length buckets one process may compile (8 per doubling covers 16 doublings).
+CPU_MAX_BUCKETS = 128
+
+
+@lru_cache(maxsize=None)
+def compiled_flex_attention(device_type: str) -> Callable[..., torch.Tensor]:
+    """The process-wide compiled ``flex_attention`` for a device type."""
+    return torch.compile(flex_attention, dynamic=device_type != "cpu", fullgraph=True)
+
+
+def bucket_length(length: int, block_size: int, device_type: str) -> int:
+    """The length the kernel runs at: exact on CUDA; on CPU rounded up to a bucket.
+
+    CPU buckets are multiples of ``block_size * 2**max(0, ceil(log2(blocks)) - 4)``: 16
+    exact block counts, then 8 buckets per doubling, so padding stays under 12.5%.
+    """
+    if device_type != "cpu":
+        return length
+    blocks = cdiv(length, block_size)
+    granule = 1 << max(0, (blocks - 1).bit_length() - 4)
+    return cdiv(blocks, granule) * granule * block_size
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    return x if x.shape[-2] == length else F.pad(x, (0, 0, 0, length - x.shape[-2]))
+
+
+def flex_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float,
+    kernel_options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Run the compiled FlexAttention, padding to the mask's kernel lengths if needed.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` (GQA handled natively).
+        block_mask: built for ``(q_len, kv_len)`` at least as long as the inputs.
+
+    Returns:
+        ``[B, Hq, Lq, D]``.
+    """
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    kernel_q, kernel_kv = block_mask.seq_lengths
+    q_in, k_in, v_in = _pad_tokens(q, kernel_q), _pad_tokens(k, kernel_kv), _pad_tokens(v, kernel_kv)
+    attend = compiled_flex_attention(q.device.type)
+    with torch._dynamo.config.patch(
+        recompile_limit=CPU_MAX_BUCKETS, fail_on_recompile_limit_hit=True
+    ):
+        out = attend(
+            q_in,
+            k_in,
+            v_in,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+            kernel_options=kernel_options,
+        )
+    return out[:, :, :q_len]

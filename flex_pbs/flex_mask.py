@@ -1,0 +1,69 @@
+"""Stage 4, build: a FlexAttention ``BlockMask`` straight from block-level tensors.
+
+No L×L tensor and no ``create_block_mask`` call: selected blocks outside the diagonal segment
+are *full* blocks (no mask_mod cost); diagonal-segment blocks are *partial* blocks whose
+mask_mod compares original key positions with query positions, so causality is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+from .layout import PAST_ANY_QUERY, BlockLayout
+
+
+def block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise indices of True blocks, ascending, as FlexAttention wants them.
+
+    Args:
+        blocks: bool ``[B, H, nQ, nK]``.
+
+    Returns:
+        ``(num_blocks int32 [B, H, nQ], indices int32 [B, H, nQ, nK])``; only the first
+        ``num_blocks`` indices of a row are meaningful.
+    """
+    counts = blocks.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort((~blocks).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return counts, indices
+
+
+def build_flex_mask(
+    selected: torch.Tensor,
+    diagonal: torch.Tensor,
+    key_order: torch.Tensor,
+    layout: BlockLayout,
+    kernel_lengths: tuple[int, int] | None = None,
+) -> BlockMask:
+    """The BlockMask that computes exactly the selected blocks, token-causal on the diagonal.
+
+    Args:
+        selected: bool ``[B, Hq, nQ, nK]``, blocks to compute (permuted key layout).
+        diagonal: bool ``[nQ, nK]``, blocks that need token-level masking.
+        key_order: long ``[B, Hkv, Lk]``, original position of each key slot.
+        layout: the block geometry (query offset among the keys included).
+        kernel_lengths: ``(q_len, kv_len)`` the kernel runs at, if larger than the real ones
+            (padding rows compute nothing; padding keys are never visible).
+    """
+    batch, q_heads, n_q, n_k = selected.shape
+    group = q_heads // key_order.shape[1]
+    bs = layout.block_size
+    q_len, kv_len = kernel_lengths or (layout.q_len, layout.kv_len)
+    pad_q, pad_k = -(-q_len // bs) - n_q, -(-kv_len // bs) - n_k
+    partial = F.pad(selected & diagonal, (0, pad_k, 0, pad_q))
+    full = F.pad(selected & ~diagonal, (0, pad_k, 0, pad_q))
+    # Shifting by the query offset lets the mask_mod compare with the local query index.
+    shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
+
+    def original_position_causal(b, h, q_idx, kv_idx):
+        return shifted_order[b, h // group, kv_idx] <= q_idx
+
+    return BlockMask.from_kv_blocks(
+        *block_indices(partial),
+        *block_indices(full),
+        BLOCK_SIZE=bs,
+        mask_mod=original_position_causal,
+        seq_lengths=(q_len, kv_len),
+        compute_q_blocks=False,
+    )

@@ -1,0 +1,90 @@
+"""Block geometry shared by every stage: which key blocks a query block may see.
+
+Queries are never permuted; query ``i`` sits at absolute position ``q_offset + i`` among the
+keys (``q_offset = 0`` for a plain prefill, ``kv_len - q_len`` for chunked prefill). Keys are
+permuted only inside complete segments, so the *segment* of a key slot equals the segment of
+the original key in it, and "earlier segment" is a causal statement that survives permutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+# Original position given to padding key slots: later than any query, exact as a float (F.pad
+# passes fill values through a double).
+PAST_ANY_QUERY = 1 << 60
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Sizes and positions of a (query, key) problem cut into blocks and segments."""
+
+    q_len: int
+    kv_len: int
+    q_offset: int
+    block_size: int
+    segment_size: int
+
+    @property
+    def num_q_blocks(self) -> int:
+        return cdiv(self.q_len, self.block_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return cdiv(self.kv_len, self.block_size)
+
+    def query_block_bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and last absolute position of each query block: two long ``[nQ]``."""
+        starts = torch.arange(self.num_q_blocks, device=device) * self.block_size
+        ends = torch.clamp(starts + self.block_size, max=self.q_len) - 1
+        return starts + self.q_offset, ends + self.q_offset
+
+    def key_block_segments(self, device: torch.device) -> torch.Tensor:
+        """Segment index of each key block: long ``[nK]``."""
+        return torch.arange(self.num_kv_blocks, device=device) * self.block_size // self.segment_size
+
+    def diagonal_blocks(self, device: torch.device) -> torch.Tensor:
+        """Key blocks in a segment the query block overlaps: bool ``[nQ, nK]``.
+
+        These blocks hold the only keys whose causality depends on the token order inside a
+        segment; they are always computed, with token-level masking.
+        """
+        first, last = self.query_block_bounds(device)
+        seg = self.key_block_segments(device)
+        return (seg[None, :] >= (first // self.segment_size)[:, None]) & (
+            seg[None, :] <= (last // self.segment_size)[:, None]
+        )
+
+    def earlier_segment_blocks(self, device: torch.device) -> torch.Tensor:
+        """Key blocks entirely in segments before the query block's: bool ``[nQ, nK]``.
+
+        Every key there precedes every query of the block, whatever the permutation.
+        """
+        first, _ = self.query_block_bounds(device)
+        seg = self.key_block_segments(device)
+        return seg[None, :] < (first // self.segment_size)[:, None]
+
+    def causal_blocks(self, key_order: torch.Tensor) -> torch.Tensor:
+        """Blocks holding at least one key visible to the query block: bool ``[B, Hkv, nQ, nK]``.
+
+        Args:
+            key_order: long ``[B, Hkv, kv_len]``, original position of each key slot.
+        """
+        _, last = self.query_block_bounds(key_order.device)
+        first_key = block_min_position(key_order, self.block_size)
+        return first_key[:, :, None, :] <= last[None, None, :, None]
+
+
+def block_min_position(key_order: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Smallest original position inside each key block: long ``[B, Hkv, nK]``."""
+    batch, heads, kv_len = key_order.shape
+    pad = cdiv(kv_len, block_size) * block_size - kv_len
+    padded = torch.nn.functional.pad(key_order, (0, pad), value=PAST_ANY_QUERY)
+    return padded.view(batch, heads, -1, block_size).amin(dim=-1)

@@ -1,0 +1,70 @@
+"""Stage 3, select: the fewest blocks per query-block row that reach the score threshold."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Rows of blocks selected at once: bounds the sort's temporaries to about this many elements.
+_SELECT_CHUNK_ELEMENTS = 1 << 24
+
+
+def select_blocks(
+    block_scores: torch.Tensor,
+    candidates: torch.Tensor,
+    forced: torch.Tensor,
+    threshold: float,
+    max_density: float | None = None,
+) -> torch.Tensor:
+    """Threshold selection with forced blocks first.
+
+    Per query-block row, blocks are taken in order (forced blocks first, then by descending
+    score) until the cumulative score reaches ``threshold`` of the row total over all
+    candidates; the block that crosses the threshold is kept. Forced blocks are always kept and
+    their score counts toward the threshold. ``threshold == 1`` keeps every candidate.
+
+    Args:
+        block_scores: float ``[B, H, nQ, nK]``; non-negative.
+        candidates: bool, broadcastable to the scores: blocks that may be computed (causal).
+        forced: bool, broadcastable: blocks always computed (a subset of the candidates).
+        threshold: fraction in (0, 1].
+        max_density: optional cap: at most ``ceil(max_density * candidates in row)`` blocks per
+            row, forced ones never dropped.
+
+    Returns:
+        bool ``[B, H, nQ, nK]``, True where the block is computed.
+    """
+    shape = block_scores.shape
+    candidates = candidates.expand(shape)
+    forced = forced.expand(shape) & candidates
+    if threshold >= 1.0 and max_density is None:
+        return candidates.clone()
+    rows_per_chunk = max(1, _SELECT_CHUNK_ELEMENTS // (shape[0] * shape[1] * shape[3]))
+    chunks = [
+        _select_rows(block_scores[:, :, r], candidates[:, :, r], forced[:, :, r], threshold, max_density)
+        for r in (slice(s, s + rows_per_chunk) for s in range(0, shape[2], rows_per_chunk))
+    ]
+    return torch.cat(chunks, dim=2)
+
+
+def _select_rows(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    forced: torch.Tensor,
+    threshold: float,
+    max_density: float | None,
+) -> torch.Tensor:
+    scores = scores.float().masked_fill(~candidates, 0.0)
+    priority = scores.masked_fill(forced, math.inf).masked_fill(~candidates, -math.inf)
+    order = torch.argsort(priority, dim=-1, descending=True, stable=True)
+    ranked = scores.gather(-1, order)
+    keep = candidates.gather(-1, order)
+    if threshold < 1.0:
+        mass_before = torch.cumsum(ranked, dim=-1) - ranked
+        keep &= mass_before < threshold * scores.sum(dim=-1, keepdim=True)
+    if max_density is not None:
+        budget = torch.ceil(candidates.sum(dim=-1, keepdim=True) * max_density)
+        keep &= torch.arange(scores.shape[-1], device=scores.device) < budget
+    selected = torch.zeros_like(keep).scatter(-1, order, keep)
+    return selected | forced

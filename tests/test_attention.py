@@ -1,0 +1,140 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_qkv, rel_error
+
+from flex_pbs import PBSConfig, build_plan, pbs_attention
+from flex_pbs.attention import dense_causal_attention
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("length", [1000, 1024])
+@pytest.mark.parametrize("scoring", ["antidiagonal", "mean"])
+@pytest.mark.parametrize("permute", ["key", "none"])
+def test_threshold_one_equals_dense_sdpa(length, scoring, permute):
+    q, k, v = random_qkv(2, 8, 2, length, 64)
+    cfg = PBSConfig(threshold=1.0, scoring=scoring, permute=permute)
+    out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
+    assert not plan.dense and plan.density == 1.0
+    assert rel_error(out, sdpa(q, k, v)) < 1e-5
+
+
+def test_permutation_really_moves_keys_and_output_stays_in_query_order():
+    q, k, v = random_qkv(1, 4, 4, 1024, 32)
+    out, plan = pbs_attention(q, k, v, PBSConfig(threshold=1.0), return_plan=True)
+    assert not torch.equal(plan.key_order[0, 0], torch.arange(1024))
+    assert rel_error(out, sdpa(q, k, v)) < 1e-5
+
+
+# Half-precision tolerances: bf16 keeps 8 mantissa bits (~4e-3 relative per rounding), fp16
+# keeps 11 (~5e-4); an attention output accumulates a few roundings of each.
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_half_precision_threshold_one_matches_fp32_reference(dtype, tol):
+    q, k, v = random_qkv(1, 4, 2, 1024, 64, dtype=dtype)
+    out = pbs_attention(q, k, v, PBSConfig(threshold=1.0))
+    assert out.dtype == dtype
+    assert rel_error(out, sdpa(q.float(), k.float(), v.float())) < tol
+
+
+def test_sparse_output_is_finite_and_close_in_fp16():
+    q, k, v = random_qkv(1, 4, 2, 2048, 64, dtype=torch.float16)
+    out, plan = pbs_attention(q, k, v, PBSConfig(threshold=0.5), return_plan=True)
+    assert plan.density < 1 and torch.isfinite(out).all()
+
+
+def test_chunked_prefill_queries_at_the_end_of_the_keys():
+    q, k, v = random_qkv(1, 4, 2, 1536, 64, q_len=640)
+    offset = 1536 - 640
+    out, plan = pbs_attention(q, k, v, PBSConfig(threshold=1.0), q_offset=offset, return_plan=True)
+    assert plan.density == 1.0 and plan.block_mask.shape[-2:] == (5, 12)
+    assert rel_error(out, dense_causal_attention(q, k, v, 64**-0.5, offset)) < 1e-5
+    # The chunk's rows equal the same rows of a one-shot prefill at the same sparsity.
+    q_full = torch.cat([torch.randn(1, 4, offset, 64), q], dim=2)
+    cfg = PBSConfig(threshold=0.8, permute="none", force_sink=True)
+    chunk = pbs_attention(q, k, v, cfg, q_offset=offset)
+    assert torch.isfinite(chunk).all()
+    one_shot = pbs_attention(q_full, k, v, cfg.replace(threshold=1.0))
+    assert rel_error(pbs_attention(q, k, v, cfg.replace(threshold=1.0), q_offset=offset), one_shot[:, :, offset:]) < 1e-5
+
+
+def test_short_inputs_fall_back_to_dense():
+    q, k, v = random_qkv(1, 4, 2, 256, 64)
+    out, plan = pbs_attention(q, k, v, PBSConfig(threshold=0.5), return_plan=True)
+    assert plan.dense and plan.flex_mask is None and plan.density == 1.0
+    assert rel_error(out, sdpa(q, k, v)) < 1e-6
+    q, k, v = random_qkv(1, 4, 2, 700, 64)
+    _, plan = pbs_attention(q, k, v, PBSConfig(threshold=0.5, dense_below=1024), return_plan=True)
+    assert plan.dense
+
+
+def test_plan_shapes_and_types():
+    q, k, _ = random_qkv(2, 6, 3, 1100, 32)
+    plan = build_plan(q, k, PBSConfig(threshold=0.9))
+    assert plan.block_mask.shape == (2, 6, 9, 9) and plan.block_mask.dtype == torch.bool
+    assert plan.key_order.shape == (2, 3, 1100) and plan.key_order.dtype == torch.long
+    assert plan.block_scores.shape == (2, 6, 9, 9)
+    assert plan.head_density.shape == (2, 6)
+    assert 0 < plan.density <= 1
+    # Computed blocks are causal, and every row computes its diagonal segment.
+    causal = plan.causal_blocks.repeat_interleave(2, dim=1)
+    assert not (plan.block_mask & ~causal).any()
+    assert plan.block_mask.diagonal(dim1=-2, dim2=-1).all()
+    # key_order is a permutation that keeps keys inside their segment.
+    sorted_order = plan.key_order.sort(dim=-1).values
+    assert torch.equal(sorted_order, torch.arange(1100).expand_as(sorted_order))
+    slots = torch.arange(1100)
+    assert torch.equal(plan.key_order // 256, (slots // 256).expand_as(plan.key_order))
+    # The incomplete tail segment (1024..1099) keeps its order.
+    assert torch.equal(plan.key_order[..., 1024:], slots[1024:].expand(2, 3, -1))
+
+
+def test_scale_keyword_like_sdpa():
+    q, k, v = random_qkv(1, 2, 2, 1024, 64)
+    out = pbs_attention(q, k, v, PBSConfig(threshold=1.0), scale=0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert rel_error(out, ref) < 1e-5
+
+
+def test_inputs_are_not_modified():
+    q, k, v = random_qkv(1, 4, 2, 1024, 64)
+    copies = [t.clone() for t in (q, k, v)]
+    pbs_attention(q, k, v, PBSConfig(threshold=0.7))
+    build_plan(q, k, PBSConfig(threshold=0.7, scoring="mean"))
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
+
+
+def _bad(**changes):
+    q, k, v = random_qkv(1, 4, 2, 512, 32)
+    args = {"q": q, "k": k, "v": v, **changes}
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, words",
+    [
+        (_bad(q=torch.randn(4, 512, 32)), ValueError, "q must have rank 4"),
+        (_bad(k=torch.randn(2, 2, 512, 32)), ValueError, "batch size"),
+        (_bad(v=torch.randn(1, 2, 500, 32)), ValueError, "same heads and length"),
+        (_bad(k=torch.randn(1, 2, 500, 32), v=torch.randn(1, 2, 500, 32)), ValueError, "q_offset"),
+        (_bad(k=torch.randn(1, 2, 512, 16), v=torch.randn(1, 2, 512, 16)), ValueError, "head dim"),
+        (_bad(k=torch.randn(1, 3, 512, 32), v=torch.randn(1, 3, 512, 32)), ValueError, "multiple of key/value heads"),
+        (_bad(k=torch.randn(1, 2, 512, 32, dtype=torch.float64)), TypeError, "share a dtype"),
+        (_bad(q=torch.ones(1, 4, 512, 32, dtype=torch.long)), TypeError, "floating point"),
+        (_bad(v="values"), TypeError, "v must be a torch.Tensor"),
+        (_bad(k=torch.randn(1, 2, 512, 32, device="meta"), v=torch.randn(1, 2, 512, 32, device="meta")), ValueError, "one device"),
+        (_bad(scale=-1.0), ValueError, "scale"),
+        (_bad(q_offset=-3), TypeError, "q_offset"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_problem(args, error, words):
+    with pytest.raises(error, match=words):
+        pbs_attention(**args)
+
+
+def test_chunked_length_mismatch_suggests_q_offset():
+    q, k, v = random_qkv(1, 4, 2, 1024, 32, q_len=1000)
+    with pytest.raises(ValueError, match="pass q_offset=24"):
+        pbs_attention(q, k, v)

@@ -1,0 +1,46 @@
+import pytest
+
+from flex_pbs import PBSConfig
+
+
+def test_defaults_are_valid():
+    cfg = PBSConfig()
+    assert (cfg.block_size, cfg.segment_size, cfg.scoring, cfg.permute) == (128, 256, "antidiagonal", "key")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"segment_size": 200}, ValueError, "multiple of block_size"),
+        ({"stride": 7}, ValueError, "must divide block_size"),
+        ({"threshold": 0.0}, ValueError, "threshold"),
+        ({"threshold": 1.5}, ValueError, "threshold"),
+        ({"threshold": "0.9"}, TypeError, "threshold"),
+        ({"scoring": "max"}, ValueError, "scoring"),
+        ({"permute": "query"}, ValueError, "permute"),
+        ({"block_size": 100}, ValueError, "multiple of 16"),
+        ({"block_size": 128.0}, TypeError, "block_size"),
+        ({"max_density": 0.0}, ValueError, "max_density"),
+        ({"force_sink": 1}, TypeError, "force_sink"),
+        ({"dense_below": -1}, ValueError, "dense_below"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        PBSConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys_listing_valid_ones():
+    with pytest.raises(TypeError, match=r"unknown PBSConfig key\(s\) \['treshold'\].*threshold"):
+        PBSConfig.from_dict({"treshold": 0.9})
+
+
+def test_replace_validates():
+    assert PBSConfig().replace(threshold=0.8).threshold == 0.8
+    with pytest.raises(ValueError):
+        PBSConfig().replace(threshold=2.0)
+
+
+def test_short_inputs_are_dense():
+    cfg = PBSConfig(segment_size=256, dense_below=1000)
+    assert cfg.is_dense_for(256) and cfg.is_dense_for(999) and not cfg.is_dense_for(1000)

@@ -1,0 +1,52 @@
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import flex_pbs.flex as flex
+from flex_pbs import PBSConfig, pbs_attention
+from flex_pbs.flex import bucket_length
+
+
+def test_cpu_buckets_are_few_and_tight():
+    lengths = range(300, 131073, 7)
+    buckets = {bucket_length(n, 128, "cpu") for n in lengths}
+    assert all(bucket_length(n, 128, "cpu") >= n for n in lengths)
+    assert max(bucket_length(n, 128, "cpu") / n for n in lengths if n > 2048) < 1.125
+    assert len(buckets) <= 16 + 8 * 7  # exact up to 16 blocks, then 8 per doubling to 128K
+    assert bucket_length(5000, 128, "cuda") == 5000
+
+
+def _frames():
+    return sum(counters["frames"].values()), counters["stats"]["unique_graphs"]
+
+
+def test_ten_lengths_compile_once_per_bucket_and_reuse_kernels():
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = PBSConfig(threshold=0.8)
+    lengths = list(range(2100, 3100, 100))
+    buckets = {bucket_length(n, cfg.block_size, "cpu") for n in lengths}
+    assert len(buckets) == 4
+    for n in lengths:
+        q, k, v = (torch.randn(1, 2, n, 32) for _ in range(3))
+        pbs_attention(q, k, v, cfg)
+    assert counters["stats"]["unique_graphs"] == len(buckets)
+    # A second pass over all lengths compiles nothing new (and would raise if it tried).
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for n in lengths:
+            q, k, v = (torch.randn(1, 2, n, 32) for _ in range(3))
+            assert torch.isfinite(pbs_attention(q, k, v, cfg)).all()
+
+
+def test_exhausting_the_recompile_limit_raises_instead_of_running_eager(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(flex, "CPU_MAX_BUCKETS", 2)
+    cfg = PBSConfig(threshold=1.0)
+    for n in (512 + 128, 512 + 256):
+        q, k, v = (torch.randn(1, 2, n, 32) for _ in range(3))
+        pbs_attention(q, k, v, cfg)
+    q, k, v = (torch.randn(1, 2, 512 + 384, 32) for _ in range(3))
+    with pytest.raises(Exception, match="recompile"):
+        pbs_attention(q, k, v, cfg)
+    torch._dynamo.reset()

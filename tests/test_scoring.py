@@ -1,0 +1,46 @@
+import torch
+from reference import xattention_block_mask
+
+from flex_pbs import PBSConfig, build_plan
+from flex_pbs.layout import BlockLayout
+from flex_pbs.permutation import identity_key_order
+from flex_pbs.scoring import antidiagonal_block_scores, mean_pool_block_scores
+
+
+def test_xattention_semantics_without_permutation():
+    q, k = torch.randn(2, 4, 1024, 32), torch.randn(2, 2, 1024, 32)
+    for force_sink in (True, False):
+        cfg = PBSConfig(block_size=64, segment_size=64, stride=8, permute="none", threshold=0.8, force_sink=force_sink)
+        plan = build_plan(q, k, cfg)
+        for b in range(2):
+            for h in range(4):
+                ref = xattention_block_mask(q[b, h], k[b, h // 2], 64, 8, 0.8, force_sink)
+                assert torch.equal(plan.block_mask[b, h], ref), (force_sink, b, h)
+        assert plan.density < 1
+
+
+def test_antidiagonal_rows_sum_to_strided_rows_per_block():
+    q, k = torch.randn(1, 2, 1000, 16), torch.randn(1, 2, 1000, 16)
+    layout = BlockLayout(1000, 1000, 0, 128, 256)
+    scores = antidiagonal_block_scores(q, k, identity_key_order(k), layout, 8, 0.25, chunk_blocks=3)
+    valid_rows = torch.tensor([16] * 7 + [(1000 - 7 * 128) // 8], dtype=torch.float32)
+    assert torch.allclose(scores.sum(-1), valid_rows.expand(1, 2, 8), atol=1e-4)
+    # Nothing above the block diagonal without permutation.
+    assert not scores[..., torch.ones(8, 8, dtype=torch.bool).triu(1)].any()
+
+
+def test_antidiagonal_chunking_is_exact():
+    q, k = torch.randn(1, 2, 1024, 16), torch.randn(1, 1, 1024, 16)
+    layout = BlockLayout(1024, 1024, 0, 128, 256)
+    order = identity_key_order(k)
+    whole = antidiagonal_block_scores(q, k, order, layout, 8, 0.25, chunk_blocks=8)
+    assert torch.allclose(antidiagonal_block_scores(q, k, order, layout, 8, 0.25, chunk_blocks=3), whole, atol=1e-6)
+
+
+def test_mean_scores_cover_only_earlier_segments():
+    q, k = torch.randn(1, 1, 1024, 16), torch.randn(1, 1, 1024, 16)
+    layout = BlockLayout(1024, 1024, 0, 128, 256)
+    scores = mean_pool_block_scores(q, k, layout, 0.25)
+    assert scores[0, 0, :2].sum() == 0  # first segment: no earlier segment
+    assert torch.allclose(scores[0, 0, 2:].sum(-1), torch.ones(6))
+    assert scores[0, 0, 2, 2:].sum() == 0 and scores[0, 0, 7, 6:].sum() == 0
