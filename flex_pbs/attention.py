@@ -139,34 +139,56 @@ def _sink_blocks(key_order: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return (blocks == (sink_slot // layout.block_size)[..., None])[:, :, None, :]
 
 
-def _plan_with_keys(
+def permute_stage(
     q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
-) -> tuple[PBSPlan, torch.Tensor]:
-    """The plan and the permuted keys (so that attention does not gather them twice)."""
-    layout = BlockLayout(q.shape[2], k.shape[2], q_offset, config.block_size, config.segment_size)
-    if config.is_dense_for(k.shape[2]):
-        return _dense_plan(q, k, layout), k
-    group = q.shape[1] // k.shape[1]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: ``(key_order long [B, Hkv, Lk], k_perm [B, Hkv, Lk, D])``."""
+    if config.permute == "none":
+        return identity_key_order(k), k
+    importance = key_importance(q, k, config.block_size, scale, q_offset)
+    key_order = segment_key_order(importance, config.segment_size)
+    return key_order, permute_keys(k, key_order)
 
-    # 1. permute
-    if config.permute == "key":
-        importance = key_importance(q, k, config.block_size, scale, q_offset)
-        key_order = segment_key_order(importance, config.segment_size)
-        k_perm = permute_keys(k, key_order)
-    else:
-        key_order, k_perm = identity_key_order(k), k
 
-    # 2. score
+def score_stage(
+    q: torch.Tensor,
+    k_perm: torch.Tensor,
+    key_order: torch.Tensor,
+    layout: BlockLayout,
+    config: PBSConfig,
+    scale: float,
+) -> torch.Tensor:
+    """Stage 2: float32 block scores ``[B, Hq, nQ, nK]`` (fused Triton kernel on CUDA)."""
     if config.scoring == "mean":
-        scores = mean_pool_block_scores(q, k_perm, layout, scale)
-    else:
-        scores = antidiagonal_block_scores(
-            q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk
-        )
+        return mean_pool_block_scores(q, k_perm, layout, scale)
+    if _use_fused_scoring(q, config):
+        from .kernels.antidiagonal import antidiagonal_block_scores_fused
 
-    # 3. select
+        return antidiagonal_block_scores_fused(q, k_perm, key_order, layout, config.stride, scale)
+    return antidiagonal_block_scores(q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk)
+
+
+def _use_fused_scoring(q: torch.Tensor, config: PBSConfig) -> bool:
+    if config.scoring_backend == "torch":
+        return False
+    if config.scoring_backend == "triton":
+        return True
+    from .kernels import triton_available
+
+    if not (q.is_cuda and triton_available()):
+        return False
+    from .kernels.antidiagonal import supports
+
+    return supports(q, config.block_size, config.stride)
+
+
+def select_stage(
+    scores: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 3: ``(selected [B, Hq, nQ, nK], causal [B, Hkv, nQ, nK], diagonal [nQ, nK])``."""
+    group = scores.shape[1] // key_order.shape[1]
     causal = layout.causal_blocks(key_order)
-    diagonal = layout.diagonal_blocks(q.device)
+    diagonal = layout.diagonal_blocks(scores.device)
     forced = diagonal | _sink_blocks(key_order, layout) if config.force_sink else diagonal
     selected = select_blocks(
         scores,
@@ -175,16 +197,33 @@ def _plan_with_keys(
         threshold=config.threshold,
         max_density=config.max_density,
     )
+    return selected, causal, diagonal
 
-    # 4. build the BlockMask
-    device_type = q.device.type
+
+def build_stage(
+    selected: torch.Tensor, diagonal: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout
+) -> BlockMask:
+    """Stage 4: the BlockMask, at the length the compiled kernel runs at on this device."""
+    device_type = selected.device.type
     kernel_lengths = (
-        bucket_length(layout.q_len, config.block_size, device_type),
-        bucket_length(layout.kv_len, config.block_size, device_type),
+        bucket_length(layout.q_len, layout.block_size, device_type),
+        bucket_length(layout.kv_len, layout.block_size, device_type),
     )
-    flex_mask = build_flex_mask(selected, diagonal, key_order, layout, kernel_lengths)
-    plan = PBSPlan(selected, key_order, causal, scores, flex_mask, layout)
-    return plan, k_perm
+    return build_flex_mask(selected, diagonal, key_order, layout, kernel_lengths)
+
+
+def _plan_with_keys(
+    q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
+) -> tuple[PBSPlan, torch.Tensor]:
+    """The plan and the permuted keys (so that attention does not gather them twice)."""
+    layout = BlockLayout(q.shape[2], k.shape[2], q_offset, config.block_size, config.segment_size)
+    if config.is_dense_for(k.shape[2]):
+        return _dense_plan(q, k, layout), k
+    key_order, k_perm = permute_stage(q, k, config, scale, q_offset)
+    scores = score_stage(q, k_perm, key_order, layout, config, scale)
+    selected, causal, diagonal = select_stage(scores, key_order, layout, config)
+    flex_mask = build_stage(selected, diagonal, key_order, layout)
+    return PBSPlan(selected, key_order, causal, scores, flex_mask, layout), k_perm
 
 
 def _default_scale(q: torch.Tensor, scale: float | None) -> float:

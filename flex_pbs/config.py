@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 SCORINGS = ("antidiagonal", "mean")
 PERMUTES = ("key", "none")
+SCORING_BACKENDS = ("auto", "torch", "triton")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
@@ -48,6 +49,8 @@ class PBSConfig:
             blocks are computed per query-block row (forced blocks are never dropped).
         scoring_chunk: query blocks scored at once by the plain-torch antidiagonal path
             (bounds its memory to ``chunk * block_size / stride * L / stride`` floats per head).
+        scoring_backend: antidiagonal scorer: ``"auto"`` (fused Triton kernel on CUDA when the
+            shape allows it, plain torch otherwise), ``"torch"`` or ``"triton"``.
     """
 
     block_size: int = 128
@@ -60,6 +63,7 @@ class PBSConfig:
     dense_below: int = 0
     max_density: float | None = None
     scoring_chunk: int = 16
+    scoring_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _require_int("block_size", self.block_size, 16)
@@ -86,6 +90,10 @@ class PBSConfig:
             raise TypeError(f"PBSConfig.force_sink must be a bool, got {self.force_sink!r}")
         _require_int("dense_below", self.dense_below, 0)
         _require_int("scoring_chunk", self.scoring_chunk, 1)
+        if self.scoring_backend not in SCORING_BACKENDS:
+            raise ValueError(
+                f"PBSConfig.scoring_backend must be one of {SCORING_BACKENDS}, got {self.scoring_backend!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "PBSConfig":

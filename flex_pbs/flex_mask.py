@@ -7,11 +7,20 @@ mask_mod compares original key positions with query positions, so causality is e
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import PAST_ANY_QUERY, BlockLayout
+
+# Inference never needs the transposed (query-major) indices; older torch always builds them.
+_SKIP_Q_BLOCKS = (
+    {"compute_q_blocks": False}
+    if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+    else {}
+)
 
 
 def block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,5 +74,5 @@ def build_flex_mask(
         BLOCK_SIZE=bs,
         mask_mod=original_position_causal,
         seq_lengths=(q_len, kv_len),
-        compute_q_blocks=False,
+        **_SKIP_Q_BLOCKS,
     )

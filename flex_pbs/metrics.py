@@ -8,8 +8,8 @@ import torch
 
 from .attention import PBSPlan
 
-# Query rows per chunk of exact attention probabilities.
-_RECALL_ROW_CHUNK = 256
+# Exact attention probabilities held at once (elements): bounds recall's memory at any length.
+_RECALL_CHUNK_ELEMENTS = 1 << 26
 
 
 def attention_recall(
@@ -25,7 +25,7 @@ def attention_recall(
     For every query row, the exact softmax of ``q · kᵀ`` (original key order, token-level
     causal mask) is summed over the keys whose permuted block the plan computes for that
     row's query block; the result is averaged over rows. Computed in float32 in chunks of
-    rows, so memory is ``O(rows_per_chunk * Lk)`` per head.
+    rows holding at most ``2**26`` probabilities, so memory is bounded at any length.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]`` (original order), as given to the plan.
@@ -52,8 +52,9 @@ def attention_recall(
     rows = torch.cat([torch.arange(b * bs, min((b + 1) * bs, q_len), device=q.device) for b in query_blocks.tolist()])
     recalled = torch.zeros(batch, kv_heads, group, device=q.device)
     keys = torch.arange(kv_len, device=q.device)
-    for start in range(0, rows.numel(), _RECALL_ROW_CHUNK):
-        chunk = rows[start : start + _RECALL_ROW_CHUNK]
+    rows_per_chunk = max(1, _RECALL_CHUNK_ELEMENTS // (batch * q_heads * kv_len))
+    for start in range(0, rows.numel(), rows_per_chunk):
+        chunk = rows[start : start + rows_per_chunk]
         q_chunk = q[:, :, chunk].reshape(batch, kv_heads, group * chunk.numel(), dim)
         logits = torch.matmul(q_chunk.float(), k.float().transpose(-1, -2)) * scale
         logits = logits.view(batch, kv_heads, group, chunk.numel(), kv_len)

@@ -60,14 +60,16 @@ def planted_qkv(
     needed = 4 + 2 * pattern.local_frequencies
     if head_dim < needed:
         raise ValueError(f"head_dim must be >= {needed} for this pattern, got {head_dim}")
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     group = q_heads // kv_heads
     root = math.sqrt(math.sqrt(head_dim))  # (root * a) · (root * b) / sqrt(D) = a * b
-    pos = torch.arange(seq_len, dtype=torch.float64)
+    f32 = {"dtype": torch.float32, "device": device}
+    pos = torch.arange(seq_len, **f32)
 
-    k = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen, dtype=torch.float64)
-    q = torch.randn(batch, kv_heads, group, seq_len, head_dim, generator=gen, dtype=torch.float64)
-    v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen, **f32)
+    q = torch.randn(batch, kv_heads, group, seq_len, head_dim, generator=gen, **f32)
+    v = torch.randn(batch, kv_heads, seq_len, head_dim, generator=gen, **f32)
     # Noise lives only in the free channels (in a planted channel the large query constant
     # would amplify it); there q·k/sqrt(D) has standard deviation about `noise`.
     k *= math.sqrt(pattern.noise)
@@ -78,12 +80,12 @@ def planted_qkv(
     # Sink (channel 0) and heavy hitters (channel 1): key flag times query constant.
     k[..., 0, 0] += root
     q[..., 0] += pattern.sink_logit * root
-    heavy = torch.rand(batch, kv_heads, seq_len, generator=gen) < pattern.heavy_fraction
-    k[..., 1] += heavy.double() * root
+    heavy = torch.rand(batch, kv_heads, seq_len, generator=gen, **f32) < pattern.heavy_fraction
+    k[..., 1] += heavy.float() * root
     q[..., 1] += pattern.heavy_logit * root
 
     # Local window (channels 2..): sum of cosines with random low frequencies peaks at i == j.
-    freqs = torch.rand(pattern.local_frequencies, generator=gen, dtype=torch.float64)
+    freqs = torch.rand(pattern.local_frequencies, generator=gen, **f32)
     freqs *= math.pi / pattern.local_window
     angles = pos[:, None] * freqs[None, :]
     amp = math.sqrt(pattern.local_logit / pattern.local_frequencies)
@@ -101,4 +103,4 @@ def planted_qkv(
         q[..., slash] = wave * math.sqrt(pattern.slash_logit) * root
 
     q = q.reshape(batch, q_heads, seq_len, head_dim)
-    return tuple(t.to(dtype=dtype, device=device) for t in (q, k, v))
+    return tuple(t.to(dtype) for t in (q, k, v))

@@ -1,0 +1,250 @@
+"""Attention-level benchmark: dense SDPA, dense causal FlexAttention and PBS, stage by stage.
+
+Everything runs in one process on the same inputs. Times are CUDA-event medians from
+``triton.testing.do_bench`` after warm-up (compilation happens before timing); memory is the
+peak allocated during one call, inputs included. Recall is the exact share of dense attention
+mass inside the computed blocks, on a subsample of query blocks (always including the last).
+
+    python benchmarks/bench_attention.py                       # planted workload, 8K..128K
+    python benchmarks/bench_attention.py --workload captured --captured qkv.pt
+    python benchmarks/bench_attention.py --check               # correctness at 32K, then exit
+
+Writes ``--out`` (JSON) and prints a table. Needs CUDA and Triton; no Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flex_pbs import PBSConfig, pbs_attention  # noqa: E402
+from flex_pbs.attention import build_stage, permute_stage, score_stage, select_stage  # noqa: E402
+from flex_pbs.flex import flex_attend  # noqa: E402
+from flex_pbs.layout import BlockLayout  # noqa: E402
+from flex_pbs.metrics import attention_recall, sample_query_blocks  # noqa: E402
+from flex_pbs.permutation import permute_keys  # noqa: E402
+from flex_pbs.synthetic import planted_qkv  # noqa: E402
+
+
+def bench_ms(fn, rep_ms: int = 200) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+
+
+def peak_gib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def causal_block_mask(length: int, block_size: int, device: torch.device) -> BlockMask:
+    """Dense causal BlockMask from block tensors (full below the diagonal, partial on it)."""
+    n = -(-length // block_size)
+    rows = torch.arange(n, device=device)
+    partial_idx = rows.view(1, 1, n, 1).expand(1, 1, n, n).to(torch.int32).contiguous()
+    full_idx = torch.arange(n, device=device, dtype=torch.int32).expand(1, 1, n, n).contiguous()
+    return BlockMask.from_kv_blocks(
+        torch.ones(1, 1, n, dtype=torch.int32, device=device),
+        partial_idx,
+        rows.to(torch.int32).view(1, 1, n),
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx,
+        seq_lengths=(length, length),
+    )
+
+
+def sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def load_workload(args, length: int):
+    if args.workload == "planted":
+        return planted_qkv(1, args.q_heads, args.kv_heads, length, args.head_dim, seed=args.seed,
+                           dtype=torch.bfloat16, device="cuda")
+    captured = torch.load(args.captured, map_location="cuda")
+    return [captured[name][:, :, :length].to(torch.bfloat16).contiguous() for name in ("q", "k", "v")]
+
+
+def run_length(args, length: int, rows: list[dict]) -> None:
+    q, k, v = load_workload(args, length)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    shape = f"{q.shape[1]}/{k.shape[1]}x{q.shape[-1]}"
+    base = {"workload": args.workload, "L": length, "shape": shape}
+
+    sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
+    sdpa_peak = peak_gib(lambda: sdpa(q, k, v, scale))
+    rows.append({**base, "method": "sdpa", "ms": sdpa_ms, "speedup": 1.0, "density": 1.0, "peak_gib": sdpa_peak})
+
+    dense_mask = causal_block_mask(length, args.block_size, q.device)
+    flex_attend(q, k, v, dense_mask, scale)
+    flex_ms = bench_ms(lambda: flex_attend(q, k, v, dense_mask, scale))
+    rows.append({**base, "method": "flex dense causal", "ms": flex_ms, "speedup": sdpa_ms / flex_ms, "density": 1.0,
+                 "peak_gib": peak_gib(lambda: flex_attend(q, k, v, dense_mask, scale))})
+    del dense_mask
+
+    for threshold in args.thresholds:
+        for backend in args.backends:
+            cfg = PBSConfig(threshold=threshold, block_size=args.block_size, segment_size=args.segment_size,
+                            stride=args.stride, scoring=args.scoring, permute=args.permute,
+                            scoring_backend=backend, max_density=args.max_density)
+            layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
+            out, plan = pbs_attention(q, k, v, cfg, return_plan=True)  # compiles
+            key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
+            v_perm = permute_keys(v, key_order)
+            scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
+            selected, causal, diagonal = select_stage(scores, key_order, layout, cfg)
+            mask = build_stage(selected, diagonal, key_order, layout)
+            stages = {
+                "permute": bench_ms(lambda: (permute_stage(q, k, cfg, scale, 0), permute_keys(v, key_order))),
+                "score": bench_ms(lambda: score_stage(q, k_perm, key_order, layout, cfg, scale)),
+                "select": bench_ms(lambda: select_stage(scores, key_order, layout, cfg)),
+                "build": bench_ms(lambda: build_stage(selected, diagonal, key_order, layout)),
+                "attend": bench_ms(lambda: flex_attend(q, k_perm, v_perm, mask, scale)),
+            }
+            total = bench_ms(lambda: pbs_attention(q, k, v, cfg))
+            blocks = sample_query_blocks(plan.layout.num_q_blocks, args.recall_blocks, seed=args.seed).to(q.device)
+            recall = float(attention_recall(q, k, plan, query_blocks=blocks).mean())
+            overhead = sum(stages[s] for s in ("permute", "score", "select", "build"))
+            row = {**base, "method": f"pbs thr={threshold} ({backend})", "threshold": threshold, "backend": backend,
+                   "ms": total, "speedup": sdpa_ms / total, "density": plan.density, "recall": recall,
+                   "peak_gib": peak_gib(lambda: pbs_attention(q, k, v, cfg)),
+                   "overhead_ms": overhead, "overhead_vs_sdpa": overhead / sdpa_ms,
+                   "attend_vs_ideal": stages["attend"] / (plan.density * sdpa_ms),
+                   **{f"{s}_ms": t for s, t in stages.items()}}
+            rows.append(row)
+            del out, plan, k_perm, v_perm, scores, selected, causal, mask
+            torch.cuda.empty_cache()
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+def recompile_probe(args) -> dict:
+    """Ten lengths in one process: how many graphs compile, and does a second pass recompile?"""
+    from torch._dynamo.utils import counters
+
+    cfg = PBSConfig(block_size=args.block_size, segment_size=args.segment_size)
+    before = counters["stats"]["unique_graphs"]
+    lengths = [8192 + 997 * i for i in range(10)]
+    start = time.perf_counter()
+    for n in lengths:
+        q, k, v = planted_qkv(1, args.q_heads, args.kv_heads, n, args.head_dim, dtype=torch.bfloat16, device="cuda")
+        pbs_attention(q, k, v, cfg)
+    first_pass_s = time.perf_counter() - start
+    compiled = counters["stats"]["unique_graphs"] - before
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for n in lengths:
+            q, k, v = planted_qkv(1, args.q_heads, args.kv_heads, n, args.head_dim, dtype=torch.bfloat16, device="cuda")
+            pbs_attention(q, k, v, cfg)
+    return {"lengths": lengths, "graphs_compiled": compiled, "first_pass_s": first_pass_s, "second_pass_recompiles": 0}
+
+
+def exact_rows(q, k, v, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 causal attention for some query rows only (an fp32 SDPA of the whole input would
+    materialise L² scores): ``[B, Hq, len(rows), D]``."""
+    group = q.shape[1] // k.shape[1]
+    k32, v32 = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    outs = []
+    for chunk in rows.split(256):
+        logits = q[:, :, chunk].float() @ k32.transpose(-1, -2) * scale
+        logits = logits.masked_fill(torch.arange(k.shape[2], device=q.device) > chunk[:, None], float("-inf"))
+        outs.append(torch.softmax(logits, -1) @ v32)
+    return torch.cat(outs, dim=2)
+
+
+def correctness_check(args) -> dict:
+    """Threshold 1.0 must equal dense attention; errors vs an fp32 reference on sampled rows."""
+    length = args.check_length
+    q, k, v = planted_qkv(1, args.q_heads, args.kv_heads, length, args.head_dim, dtype=torch.bfloat16, device="cuda")
+    scale = 1.0 / math.sqrt(args.head_dim)
+    blocks = sample_query_blocks(-(-length // args.block_size), 8, seed=args.seed)
+    rows = torch.cat([torch.arange(b * args.block_size, min((b + 1) * args.block_size, length)) for b in blocks.tolist()])
+    rows = rows.to(q.device)
+    ref = exact_rows(q, k, v, rows, scale)
+
+    def rel(out):
+        return float((out[:, :, rows].float() - ref).norm() / ref.norm())
+
+    result = {"L": length, "rows_checked": int(rows.numel()), "sdpa_bf16": rel(sdpa(q, k, v, scale))}
+    for name, cfg in {"thr=1.0": PBSConfig(threshold=1.0), "thr=0.9": PBSConfig(threshold=0.9)}.items():
+        start = time.perf_counter()
+        out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
+        torch.cuda.synchronize()
+        result[name] = {"first_call_s": time.perf_counter() - start, "rel_error": rel(out), "density": plan.density}
+    return result
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["workload", "L", "method", "ms", "speedup", "density", "recall", "peak_gib", "overhead_vs_sdpa",
+            "permute_ms", "score_ms", "select_ms", "build_ms", "attend_ms", "attend_vs_ideal"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        cells = []
+        for c in cols:
+            value = row.get(c, "")
+            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        print("| " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=["planted", "captured"], default="planted")
+    parser.add_argument("--captured", help="torch.save'd dict with q, k, v [1, H, L, D] (captured workload)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--backends", nargs="+", default=["auto"])
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--segment-size", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--scoring", default="antidiagonal")
+    parser.add_argument("--permute", default="key")
+    parser.add_argument("--max-density", type=float, default=None)
+    parser.add_argument("--recall-blocks", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--check", action="store_true", help="only the correctness check")
+    parser.add_argument("--check-length", type=int, default=32768)
+    parser.add_argument("--recompile-probe", action="store_true")
+    parser.add_argument("--out", default="bench_attention.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py needs a CUDA device")
+
+    import triton
+
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    if args.check:
+        report["check"] = correctness_check(args)
+        print(json.dumps(report["check"], indent=1))
+    else:
+        rows: list[dict] = []
+        for length in args.lengths:
+            run_length(args, length, rows)
+            print(f"done L={length}", flush=True)
+        report["rows"] = rows
+        if args.recompile_probe:
+            report["recompile_probe"] = recompile_probe(args)
+            print(json.dumps(report["recompile_probe"]))
+        print_table(rows)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

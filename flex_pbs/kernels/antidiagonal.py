@@ -1,0 +1,181 @@
+"""Fused antidiagonal block scoring in Triton: strided GEMM + online softmax + block sums.
+
+Computes the same function as :func:`flex_pbs.scoring.antidiagonal_block_scores` in one pass
+over the keys, without the ``(L/S)²`` score matrix: each program owns the strided rows of one
+GQA group (all query heads sharing a KV head, so every key tile is loaded once for the group)
+and a few query blocks, walks the visible key tiles with an online softmax and writes, per row
+and key block, ``log2 Σ exp2(logits)`` to a small scratch buffer; once the row's normaliser is
+known, it sums ``exp2(block_lse - row_lse)`` over the rows of each query block. The grid is
+persistent (about two programs per SM, longest query tiles first) so the scratch stays at
+``programs × rows × nK`` floats instead of growing with the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import BlockLayout
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _antidiagonal_kernel(
+    q_ptr, k_ptr, slot_first_ptr, out_ptr, scratch_ptr,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_fb, stride_fh,
+    stride_ob, stride_oh, stride_oq,
+    q_len, kv_len, q_offset, n_q_blocks, n_kv_blocks, n_kv_heads, n_heads_total, n_q_tiles, n_programs,
+    logit_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_BLOCKS: tl.constexpr, ROWS: tl.constexpr,
+    STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_BLOCKS: tl.constexpr,
+    SEGMENT_BLOCKS: tl.constexpr, SCRATCH_COLS: tl.constexpr,
+):
+    BLOCK: tl.constexpr = ROWS * STRIDE
+    M: tl.constexpr = GROUP_PAD * Q_BLOCKS * ROWS
+    N: tl.constexpr = TILE_BLOCKS * ROWS
+    pid = tl.program_id(0)
+
+    m_idx = tl.arange(0, M)
+    g = m_idx // (Q_BLOCKS * ROWS)
+    qb = (m_idx // ROWS) % Q_BLOCKS
+    r = m_idx % ROWS
+    n_idx = tl.arange(0, N)
+    d_idx = tl.arange(0, HEAD_DIM)
+    c_idx = tl.arange(0, TILE_BLOCKS)
+    out_rows = tl.arange(0, GROUP_PAD * Q_BLOCKS)
+    scratch_base = scratch_ptr + pid * M * SCRATCH_COLS
+
+    # Work items run longest first: query tile (descending) major, (batch, KV head) minor.
+    for item in tl.range(pid, n_q_tiles * n_heads_total, n_programs):
+        tile = n_q_tiles - 1 - item // n_heads_total
+        bh = item % n_heads_total
+        b = bh // n_kv_heads
+        hkv = bh % n_kv_heads
+        first_block = tile * Q_BLOCKS
+
+        row_start = (first_block + qb) * BLOCK + r * STRIDE
+        row_valid = (g < GROUP) & (row_start < q_len) & (first_block + qb < n_q_blocks)
+        row_last = tl.minimum(row_start + STRIDE - 1, q_len - 1) + q_offset
+        q_rows = q_ptr + b * stride_qb + (hkv * GROUP + g) * stride_qh
+        last_pos = tl.minimum((first_block + Q_BLOCKS) * BLOCK, q_len) - 1 + q_offset
+        kv_end = tl.minimum(n_kv_blocks, (last_pos // (SEGMENT_BLOCKS * BLOCK) + 1) * SEGMENT_BLOCKS)
+        k_head = k_ptr + b * stride_kb + hkv * stride_kh
+        f_head = slot_first_ptr + b * stride_fb + hkv * stride_fh
+
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        tl.debug_barrier()
+        for j0 in range(0, kv_end, TILE_BLOCKS):
+            slot = j0 * ROWS + n_idx
+            acc = tl.zeros([M, N], tl.float32)
+            for t in range(STRIDE):
+                q_tok = row_start + STRIDE - 1 - t
+                q_tile = tl.load(
+                    q_rows[:, None] + q_tok[:, None] * stride_ql + d_idx[None, :],
+                    mask=(row_valid & (q_tok < q_len))[:, None],
+                    other=0.0,
+                )
+                k_tok = slot * STRIDE + t
+                k_tile = tl.load(
+                    k_head + k_tok[:, None] * stride_kl + d_idx[None, :],
+                    mask=(k_tok < kv_len)[:, None],
+                    other=0.0,
+                )
+                acc += tl.dot(q_tile, tl.trans(k_tile))
+            first = tl.load(f_head + slot, mask=slot < kv_end * ROWS, other=2**62)
+            visible = first[None, :] <= row_last[:, None]
+            logits = tl.where(visible, acc * logit_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(logits - m_safe[:, None])
+            block_sums = tl.sum(tl.reshape(p, (M, TILE_BLOCKS, ROWS)), axis=2)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(block_sums, axis=1)
+            m_i = m_new
+            tl.store(
+                scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :],
+                m_safe[:, None] + tl.log2(block_sums),
+            )
+        row_lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
+        tl.debug_barrier()
+        for j0 in range(0, kv_end, TILE_BLOCKS):
+            lse = tl.load(scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
+            probs = tl.where(row_valid[:, None], tl.exp2(lse - row_lse[:, None]), 0.0)
+            scores = tl.sum(tl.reshape(probs, (GROUP_PAD * Q_BLOCKS, ROWS, TILE_BLOCKS)), axis=1)
+            out_g = out_rows // Q_BLOCKS
+            out_q = first_block + out_rows % Q_BLOCKS
+            cols = j0 + c_idx
+            tl.store(
+                out_ptr + b * stride_ob + (hkv * GROUP + out_g)[:, None] * stride_oh
+                + out_q[:, None] * stride_oq + cols[None, :],
+                scores,
+                mask=((out_g < GROUP) & (out_q < n_q_blocks))[:, None] & (cols < kv_end)[None, :],
+            )
+
+
+def supports(q: torch.Tensor, block_size: int, stride: int) -> bool:
+    """Whether the fused kernel handles this shape (power-of-two tiles, contiguous head dim)."""
+    rows = block_size // stride
+    dim = q.shape[-1]
+    return rows >= 4 and rows & (rows - 1) == 0 and dim >= 16 and dim & (dim - 1) == 0
+
+
+def antidiagonal_block_scores_fused(
+    q: torch.Tensor,
+    k_perm: torch.Tensor,
+    key_order: torch.Tensor,
+    layout: BlockLayout,
+    stride: int,
+    scale: float,
+) -> torch.Tensor:
+    """Fused equivalent of :func:`flex_pbs.scoring.antidiagonal_block_scores`.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k_perm: ``[B, Hkv, Lk, D]`` (permuted layout);
+        key_order: long ``[B, Hkv, Lk]``.
+
+    Returns:
+        float32 ``[B, Hq, nQ, nK]``.
+    """
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads, kv_len = k_perm.shape[1], k_perm.shape[2]
+    group = q_heads // kv_heads
+    rows = layout.block_size // stride
+    n_q, n_k = layout.num_q_blocks, layout.num_kv_blocks
+    q, k_perm = q.contiguous(), k_perm.contiguous()
+    slots = n_k * rows
+    pad = slots * stride - kv_len
+    slot_first = torch.nn.functional.pad(key_order, (0, pad), value=1 << 60)
+    slot_first = slot_first.view(batch, kv_heads, slots, stride).amin(-1).contiguous()
+
+    group_pad = triton.next_power_of_2(group)
+    q_blocks = max(1, 64 // (group_pad * rows))
+    tile_blocks = max(1, 64 // rows)
+    n_q_tiles = triton.cdiv(n_q, q_blocks)
+    n_items = n_q_tiles * batch * kv_heads
+    scratch_cols = triton.cdiv(n_k, tile_blocks) * tile_blocks
+    if q.is_cuda:
+        programs = min(n_items, 2 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+    else:
+        programs = min(n_items, 4)
+    m = group_pad * q_blocks * rows
+    scratch = torch.empty(programs, m, scratch_cols, device=q.device, dtype=torch.float32)
+    out = torch.zeros(batch, q_heads, n_q, n_k, device=q.device, dtype=torch.float32)
+    _antidiagonal_kernel[(programs,)](
+        q, k_perm, slot_first, out, scratch,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_perm.stride(0), k_perm.stride(1), k_perm.stride(2),
+        slot_first.stride(0), slot_first.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        q_len, kv_len, layout.q_offset, n_q, n_k, kv_heads, batch * kv_heads, n_q_tiles, programs,
+        scale / stride * _LOG2E,
+        GROUP=group, GROUP_PAD=group_pad, Q_BLOCKS=q_blocks, ROWS=rows, STRIDE=stride,
+        HEAD_DIM=dim, TILE_BLOCKS=tile_blocks,
+        SEGMENT_BLOCKS=layout.segment_size // layout.block_size, SCRATCH_COLS=scratch_cols,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
