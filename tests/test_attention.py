@@ -60,6 +60,19 @@ def test_chunked_prefill_queries_at_the_end_of_the_keys():
     assert rel_error(pbs_attention(q, k, v, cfg.replace(threshold=1.0), q_offset=offset), one_shot[:, :, offset:]) < 1e-5
 
 
+@pytest.mark.parametrize("scoring", ["antidiagonal", "mean"])
+def test_block_aligned_chunk_equals_the_same_rows_of_a_one_shot_prefill(scoring):
+    """Same last query block (same key order) and aligned query blocks: same plan rows."""
+    q, k, v = random_qkv(1, 4, 2, 1536, 64)
+    cfg = PBSConfig(threshold=0.7, scoring=scoring)
+    one_shot, full_plan = pbs_attention(q, k, v, cfg, return_plan=True)
+    chunk, plan = pbs_attention(q[:, :, 768:], k, v, cfg, q_offset=768, return_plan=True)
+    assert full_plan.density < 1
+    assert torch.equal(plan.key_order, full_plan.key_order)
+    assert torch.equal(plan.block_mask, full_plan.block_mask[:, :, 6:])
+    assert rel_error(chunk, one_shot[:, :, 768:]) < 1e-5
+
+
 def test_short_inputs_fall_back_to_dense():
     q, k, v = random_qkv(1, 4, 2, 256, 64)
     out, plan = pbs_attention(q, k, v, PBSConfig(threshold=0.5), return_plan=True)

@@ -1,0 +1,349 @@
+"""`attn_implementation="flex_pbs"` for every transformers model that dispatches attention
+through ``AttentionInterface``.
+
+Registration adds two entries, both through transformers' public interfaces and nothing else:
+
+* an attention function (``AttentionInterface``) that routes each call:
+  prefill from position 0 → PBS; chunked prefill (queries at the end of a longer cache) → PBS
+  over the whole cache (``q_offset``); decode (one query) → exact SDPA over the cache; padded
+  batches → PBS per sequence when every row's real tokens are contiguous (left or right
+  padding), exact SDPA otherwise; non-causal patterns (a sliding window that the sequence
+  exceeds, packed sequences, custom overlays) → exact SDPA with transformers' own mask;
+* a mask function (``AttentionMaskInterface``) that hands layers a compact :class:`PBSMask`
+  (padding and offsets, O(B·L)) instead of an L×L tensor. Without it transformers would pass
+  ``attention_mask=None`` and padding would be silently lost.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+
+from ..attention import PBSPlan, pbs_attention
+from ..config import PBSConfig
+from ..metrics import attention_recall
+
+DEFAULT_NAME = "flex_pbs"
+_BUILT_IN = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}
+
+
+# ----------------------------------------------------------------------------------- the mask
+
+
+@dataclass(frozen=True)
+class PBSMask:
+    """What each attention layer receives as ``attention_mask`` under flex_pbs.
+
+    Attributes:
+        padding: bool ``[B, kv_len]`` (True = real token), or None when nothing is padded.
+        q_len, q_offset: queries are positions ``q_offset .. q_offset + q_len - 1``.
+        kv_len: number of key/value positions.
+        causal: True when the pattern is plain causal attention (plus padding); otherwise
+            the layer runs exact attention with :meth:`dense`.
+    """
+
+    padding: torch.Tensor | None
+    q_len: int
+    q_offset: int
+    kv_len: int
+    causal: bool
+    mask_kwargs: dict = field(repr=False, compare=False, default_factory=dict)
+
+    def dense(self) -> torch.Tensor:
+        """transformers' exact boolean mask ``[B, 1, q_len, kv_len]`` for this call."""
+        return sdpa_mask(**{**self.mask_kwargs, "allow_is_causal_skip": False})
+
+
+def pbs_mask(**kwargs: Any) -> PBSMask:
+    """Mask function registered in ``AttentionMaskInterface``: O(B·L), never L×L."""
+    kv_len = int(kwargs["kv_length"])
+    kv_offset = int(kwargs.get("kv_offset", 0))
+    if "q_length" in kwargs:  # transformers >= 5.2x
+        q_len, q_offset = int(kwargs["q_length"]), kwargs.get("q_offset", 0)
+    else:  # earlier 5.x pass the query positions
+        positions = kwargs["cache_position"]
+        q_len, q_offset = positions.shape[0], positions[0]
+    q_offset = int(q_offset)
+    padding = prepare_padding_mask(kwargs.get("attention_mask"), kv_len, kv_offset)
+    if padding is not None and bool(padding.all()):
+        padding = None
+    window = kwargs.get("local_size")
+    causal = kwargs.get("mask_function", causal_mask_function) is causal_mask_function or (
+        window is not None and q_offset + q_len <= window
+    )
+    return PBSMask(padding, q_len, q_offset - kv_offset, kv_len, causal, dict(kwargs))
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+@dataclass
+class LayerStats:
+    """What flex_pbs measured on one layer's last prefill (averaged over the batch)."""
+
+    layer: int
+    density: torch.Tensor  # float [Hq]
+    recall: torch.Tensor | None  # float [Hq], when recall collection is on
+    q_len: int
+    kv_len: int
+    path: str  # "pbs", "dense" (skipped layer or short input) or "exact" (fallback)
+
+
+@dataclass
+class PBSRegistration:
+    """One registered name: the engine config plus per-layer control and stats collection."""
+
+    name: str
+    config: PBSConfig
+    dense_layers: frozenset[int] = frozenset()
+    layer_thresholds: Mapping[int, float] = field(default_factory=dict)
+    collect_stats: bool = False
+    stats_recall: bool = False
+    stats: "weakref.WeakKeyDictionary[torch.nn.Module, LayerStats]" = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )
+
+    def config_for(self, layer: int | None) -> PBSConfig | None:
+        """The config of one layer, or None if the layer runs dense."""
+        if layer in self.dense_layers:
+            return None
+        if layer in self.layer_thresholds:
+            return self.config.replace(threshold=self.layer_thresholds[layer])
+        return self.config
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return _attention_forward(self, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+_REGISTRY: dict[str, PBSRegistration] = {}
+
+
+def register(
+    config: PBSConfig | Mapping[str, Any] | None = None,
+    *,
+    name: str = DEFAULT_NAME,
+    dense_layers: int | Iterable[int] = 0,
+    layer_thresholds: Mapping[int, float] | None = None,
+    collect_stats: bool = False,
+    stats_recall: bool = False,
+    overwrite: bool = False,
+) -> PBSRegistration:
+    """Register PBS attention under ``name`` for ``attn_implementation=name``.
+
+    Args:
+        config: a :class:`PBSConfig` or a mapping of its fields (unknown keys raise).
+        dense_layers: run these layer indices dense (an int ``n`` means the first ``n``).
+        layer_thresholds: per-layer threshold overrides, ``{layer_idx: threshold}``.
+        collect_stats: record density per layer and head on every prefill
+            (read with :func:`stats`); ``stats_recall`` also computes attention recall
+            (exact attention probabilities: costly).
+        overwrite: replace an existing registration of the same name.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a transformers built-in attention; choose another name")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"attention {name!r} is already registered; pass overwrite=True to replace it "
+            f"or call flex_pbs.unregister({name!r}) first"
+        )
+    if config is None:
+        config = PBSConfig()
+    elif isinstance(config, Mapping):
+        config = PBSConfig.from_dict(config)
+    elif not isinstance(config, PBSConfig):
+        raise TypeError(f"config must be a PBSConfig or a mapping, got {type(config).__name__}")
+    dense = frozenset(range(dense_layers)) if isinstance(dense_layers, int) else frozenset(dense_layers)
+    thresholds = dict(layer_thresholds or {})
+    for layer, threshold in thresholds.items():
+        config.replace(threshold=threshold)  # validates
+    registration = PBSRegistration(name, config, dense, thresholds, collect_stats, stats_recall)
+    AttentionInterface.register(name, registration)
+    AttentionMaskInterface.register(name, pbs_mask)
+    _REGISTRY[name] = registration
+    return registration
+
+
+def unregister(name: str = DEFAULT_NAME) -> None:
+    """Remove a registration (models already switched to it stop working)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"attention {name!r} is not registered by flex_pbs")
+    del _REGISTRY[name]
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def registration(name: str = DEFAULT_NAME) -> PBSRegistration:
+    """The live registration of ``name``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"attention {name!r} is not registered; call flex_pbs.register() first")
+    return _REGISTRY[name]
+
+
+def apply(model: torch.nn.Module, name: str = DEFAULT_NAME) -> torch.nn.Module:
+    """Switch a loaded model to a registered PBS attention, refusing models that would ignore it.
+
+    ``from_pretrained(..., attn_implementation="flex_pbs")`` works too, but transformers cannot
+    tell that a model without ``AttentionInterface`` dispatch will silently keep its own
+    attention; this does.
+    """
+    registration(name)
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise TypeError(
+            f"{type(model).__name__} does not dispatch attention through transformers' "
+            "AttentionInterface (_supports_attention_backend is False), so flex_pbs cannot "
+            "replace its attention"
+        )
+    model.set_attn_implementation(name)
+    return model
+
+
+def stats(model: torch.nn.Module, name: str = DEFAULT_NAME) -> dict[int, LayerStats]:
+    """Per-layer stats of the last prefill, ``{layer_idx: LayerStats}``."""
+    reg = registration(name)
+    if not reg.collect_stats:
+        raise RuntimeError(f"stats are off for {name!r}; register(..., collect_stats=True)")
+    found = {s.layer: s for m in model.modules() if (s := reg.stats.get(m)) is not None}
+    if not found:
+        raise RuntimeError(
+            f"no layer of {type(model).__name__} ran {name!r} attention: set "
+            f"attn_implementation={name!r} and run a forward pass (models that do not dispatch "
+            "through AttentionInterface are not supported)"
+        )
+    return dict(sorted(found.items()))
+
+
+def reset_stats(name: str = DEFAULT_NAME) -> None:
+    registration(name).stats.clear()
+
+
+# ------------------------------------------------------------------------ the attention call
+
+
+def _causal(q_len: int, kv_len: int, q_offset: int, device) -> torch.Tensor:
+    """Boolean ``[1, 1, q_len, kv_len]``: key visible to the query at ``q_offset + i``."""
+    positions = torch.arange(q_len, device=device) + q_offset
+    return (torch.arange(kv_len, device=device) <= positions[:, None])[None, None]
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    mask: torch.Tensor | None = None,
+    q_offset: int | None = None,
+) -> torch.Tensor:
+    """Exact SDPA. ``mask``: boolean ``[B, 1, Lq, Lk]``; without one, causal attention with
+    the queries at ``q_offset`` (default: the last ``Lq`` positions). Rows with no visible key
+    return zeros instead of NaN."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    if mask is None:
+        if q_offset == 0 and q_len == kv_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        mask = _causal(q_len, kv_len, q_offset, q.device)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(empty, 0.0)
+
+
+def _contiguous_spans(padding: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per row, the span ``[start, end)`` of real tokens, or None if a row has holes."""
+    counts = padding.sum(dim=-1)
+    starts = padding.to(torch.uint8).argmax(dim=-1)
+    ends = starts + counts
+    positions = torch.arange(padding.shape[-1], device=padding.device)
+    expected = (positions >= starts[:, None]) & (positions < ends[:, None])
+    if not torch.equal(expected, padding):
+        return None
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+# A plan together with the (batch, query rows, key span) it was computed on.
+_Part = tuple[slice, slice, slice, PBSPlan]
+
+
+def _pbs_per_sequence(q, k, v, mask: PBSMask, config: PBSConfig, scale) -> tuple[torch.Tensor, list[_Part]] | None:
+    """PBS on each sequence's real tokens; padded query rows return zeros. None if a row has holes."""
+    spans = _contiguous_spans(mask.padding)
+    if spans is None:
+        return None
+    out = torch.zeros_like(q)
+    parts = []
+    for b, (start, end) in enumerate(spans):
+        end = min(end, mask.q_offset + mask.q_len)
+        q_start, q_end = max(0, start - mask.q_offset), end - mask.q_offset
+        if q_end <= q_start:
+            continue
+        batch, rows, keys = slice(b, b + 1), slice(q_start, q_end), slice(start, end)
+        out[batch, :, rows], plan = pbs_attention(
+            q[batch, :, rows], k[batch, :, keys], v[batch, :, keys], config,
+            scale=scale, q_offset=mask.q_offset + q_start - start, return_plan=True,
+        )
+        parts.append((batch, rows, keys, plan))
+    return out, parts
+
+
+def _record(reg: PBSRegistration, module, q, k, parts: list[_Part] | None, path: str, scale) -> None:
+    """Store density (and recall) per head, averaged over the batch, for this layer."""
+    ones = torch.ones(q.shape[1])
+    density = torch.stack([p.head_density.mean(0).float().cpu() for *_, p in parts]).mean(0) if parts else ones
+    recall = None
+    if reg.stats_recall:
+        recall = ones
+        if parts:
+            recall = torch.stack(
+                [attention_recall(q[b, :, r], k[b, :, s], p, scale=scale).mean(0).cpu() for b, r, s, p in parts]
+            ).mean(0)
+    layer = getattr(module, "layer_idx", None)
+    reg.stats[module] = LayerStats(-1 if layer is None else layer, density, recall, q.shape[2], k.shape[2], path)
+
+
+def _attention_forward(reg: PBSRegistration, module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    if dropout and module.training:
+        raise RuntimeError("flex_pbs is an inference (prefill) attention: attention dropout is not supported")
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"flex_pbs supports causal attention only; {type(module).__name__} is not causal")
+    config = reg.config_for(getattr(module, "layer_idx", None))
+    q_len, kv_len = query.shape[2], key.shape[2]
+    parts: list[_Part] | None = None
+
+    if isinstance(attention_mask, torch.Tensor) or (isinstance(attention_mask, PBSMask) and not attention_mask.causal):
+        # A custom 4D mask, or a pattern PBS does not model (e.g. a sliding window it exceeds).
+        dense_mask = attention_mask if isinstance(attention_mask, torch.Tensor) else attention_mask.dense()
+        if dense_mask.dtype != torch.bool:
+            raise TypeError("flex_pbs takes boolean 4D masks; got an additive float mask")
+        out, path = exact_attention(query, key, value, scaling, dense_mask), "exact"
+    else:
+        mask = attention_mask or PBSMask(None, q_len, kv_len - q_len, kv_len, True)
+        # Static caches hold slots past the last query: they are never visible.
+        key, value = key[:, :, : mask.q_offset + q_len], value[:, :, : mask.q_offset + q_len]
+        if q_len == 1 or config is None:
+            visible = None if mask.padding is None else mask.padding[:, None, None, : key.shape[2]]
+            if visible is not None:
+                visible = visible & _causal(q_len, key.shape[2], mask.q_offset, query.device)
+            out, path = exact_attention(query, key, value, scaling, visible, mask.q_offset), "dense"
+        elif mask.padding is None:
+            out, plan = pbs_attention(query, key, value, config, scale=scaling, q_offset=mask.q_offset, return_plan=True)
+            parts, path = [(slice(None), slice(None), slice(None), plan)], "dense" if plan.dense else "pbs"
+        elif (result := _pbs_per_sequence(query, key, value, mask, config, scaling)) is not None:
+            (out, parts), path = result, "pbs"
+        else:
+            out, path = exact_attention(query, key, value, scaling, mask.dense()), "exact"
+    if reg.collect_stats and q_len > 1:
+        _record(reg, module, query, key, parts, path, scaling)
+    return out.transpose(1, 2).contiguous(), None

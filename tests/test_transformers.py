@@ -1,0 +1,181 @@
+import pytest
+import torch
+from conftest import rel_error
+from transformers import DynamicCache, LlamaForCausalLM
+
+import flex_pbs
+from flex_pbs import PBSConfig
+from flex_pbs.models import random_model, tiny_config
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.fixture
+def registered():
+    """Register flex_pbs for one test (threshold 1.0 unless the test re-registers)."""
+    reg = flex_pbs.register(PBSConfig(threshold=1.0), collect_stats=True, overwrite=True)
+    yield reg
+    flex_pbs.unregister()
+
+
+def models(arch, **overrides):
+    # A larger init gives peaked logits, so that greedy decoding is not a coin toss.
+    cfg = tiny_config(arch, initializer_range=0.1, **overrides)
+    return random_model(cfg, "sdpa"), random_model(cfg, "flex_pbs")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_threshold_one_prefill_logits_equal_sdpa(registered, arch):
+    ref, pbs = models(arch)
+    ids = torch.randint(0, 1024, (2, 640))
+    with torch.no_grad():
+        assert rel_error(pbs(ids).logits, ref(ids).logits) < 1e-4
+    stats = flex_pbs.stats(pbs)
+    assert set(stats) == {0, 1} and all(s.path == "pbs" and s.q_len == 640 for s in stats.values())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_generate_matches_sdpa(registered, arch):
+    ref, pbs = models(arch)
+    ids = torch.randint(0, 1024, (1, 600))
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(pbs.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.8])
+def test_left_padded_batch_matches_each_prompt_alone(threshold):
+    flex_pbs.register(PBSConfig(threshold=threshold), overwrite=True)
+    try:
+        _, pbs = models("llama")
+        long, short = torch.randint(1, 1024, (1, 700)), torch.randint(1, 1024, (1, 520))
+        batch = torch.zeros(2, 700, dtype=torch.long)
+        batch[0], batch[1, 180:] = long[0], short[0]
+        mask = torch.ones(2, 700, dtype=torch.long)
+        mask[1, :180] = 0
+        kwargs = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+        with torch.no_grad():
+            together = pbs.generate(batch, attention_mask=mask, **kwargs)[:, 700:]
+            alone = [pbs.generate(x, **kwargs)[:, x.shape[1] :] for x in (long, short)]
+            logits = pbs(batch, attention_mask=mask).logits
+        assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
+        assert torch.isfinite(logits).all()  # padded rows too
+    finally:
+        flex_pbs.unregister()
+
+
+def test_right_padding_keeps_padding_out(registered):
+    ref, pbs = models("qwen2")
+    ids = torch.randint(1, 1024, (2, 650))
+    mask = torch.ones(2, 650, dtype=torch.long)
+    mask[1, 500:] = 0
+    with torch.no_grad():
+        out = pbs(ids, attention_mask=mask).logits
+        alone = pbs(ids[1:, :500]).logits
+    assert torch.isfinite(out).all()
+    assert rel_error(out[1, :500], alone[0]) < 1e-4
+
+
+def test_mask_with_holes_falls_back_to_exact_attention(registered):
+    ref, pbs = models("llama")
+    ids = torch.randint(1, 1024, (1, 600))
+    mask = torch.ones(1, 600, dtype=torch.long)
+    mask[0, 300:310] = 0
+    with torch.no_grad():
+        assert rel_error(pbs(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits) < 1e-4
+    assert all(s.path == "exact" for s in flex_pbs.stats(pbs).values())
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.7])
+def test_chunked_prefill_with_a_cache(threshold):
+    flex_pbs.register(PBSConfig(threshold=threshold), collect_stats=True, overwrite=True)
+    try:
+        ref, pbs = models("llama")
+        ids = torch.randint(0, 1024, (1, 1100))
+        with torch.no_grad():
+            one_shot = pbs(ids).logits
+            cache = DynamicCache(config=pbs.config)
+            first = pbs(ids[:, :600], past_key_values=cache).logits
+            second = pbs(ids[:, 600:], past_key_values=cache).logits
+            exact = ref(ids).logits
+        chunked = torch.cat([first, second], dim=1)
+        stats = flex_pbs.stats(pbs)
+        # The second chunk's 500 queries were planned over the whole 1100-token cache.
+        assert all(s.q_len == 500 and s.kv_len == 1100 and s.path == "pbs" for s in stats.values())
+        if threshold == 1.0:
+            assert rel_error(chunked, one_shot) < 1e-4 and rel_error(chunked, exact) < 1e-4
+        else:
+            assert torch.isfinite(chunked).all() and all(s.density.mean() < 1 for s in stats.values())
+    finally:
+        flex_pbs.unregister()
+
+
+def test_sliding_window_models_run_exactly(registered):
+    ref, pbs = models("mistral", sliding_window=128)
+    ids = torch.randint(0, 1024, (1, 600))
+    with torch.no_grad():
+        assert rel_error(pbs(ids).logits, ref(ids).logits) < 1e-4
+    assert all(s.path == "exact" for s in flex_pbs.stats(pbs).values())
+
+
+def test_per_layer_control_and_stats():
+    flex_pbs.register(
+        PBSConfig(threshold=0.5), dense_layers=1, layer_thresholds={1: 0.3},
+        collect_stats=True, stats_recall=True, overwrite=True,
+    )
+    try:
+        _, pbs = models("llama", num_hidden_layers=3)
+        with torch.no_grad():
+            pbs(torch.randint(0, 1024, (1, 1024)))
+        stats = flex_pbs.stats(pbs)
+        assert stats[0].path == "dense" and stats[0].density.eq(1).all()
+        assert stats[1].path == stats[2].path == "pbs"
+        assert stats[1].density.shape == (4,) and stats[1].recall.shape == (4,)
+        assert stats[1].density.mean() < stats[2].density.mean() <= 1  # 0.3 < 0.5
+        assert (stats[2].recall > 0).all() and (stats[2].recall <= 1 + 1e-6).all()
+    finally:
+        flex_pbs.unregister()
+
+
+def test_registration_errors():
+    flex_pbs.register(overwrite=True)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            flex_pbs.register()
+        with pytest.raises(TypeError, match=r"unknown PBSConfig key\(s\) \['treshold'\]"):
+            flex_pbs.register({"treshold": 0.9}, name="flex_pbs_typo")
+        with pytest.raises(ValueError, match="built-in"):
+            flex_pbs.register(name="sdpa")
+        with pytest.raises(ValueError, match="threshold"):
+            flex_pbs.register(layer_thresholds={3: 1.5}, overwrite=True)
+    finally:
+        flex_pbs.unregister()
+    with pytest.raises(KeyError, match="not registered"):
+        flex_pbs.unregister()
+
+
+class NoBackendLlama(LlamaForCausalLM):
+    """A model class that declares it does not dispatch through AttentionInterface."""
+
+    _supports_attention_backend = False
+
+
+def test_models_without_attention_interface_are_refused(registered):
+    model = NoBackendLlama(tiny_config("llama"))
+    with pytest.raises(TypeError, match="does not dispatch attention through"):
+        flex_pbs.apply(model)
+    ref, _ = models("llama")
+    with pytest.raises(RuntimeError, match="no layer"):
+        flex_pbs.stats(ref)  # an sdpa model never ran flex_pbs
+    flex_pbs.apply(ref)
+    assert ref.config._attn_implementation == "flex_pbs"
+
+
+def test_decode_is_exact_with_padding(registered):
+    ref, pbs = models("qwen3")
+    ids = torch.randint(1, 1024, (2, 400))
+    mask = torch.ones(2, 400, dtype=torch.long)
+    mask[0, :50] = 0
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "attention_mask": mask}
+    with torch.no_grad():
+        assert torch.equal(pbs.generate(ids, **kwargs), ref.generate(ids, **kwargs))
