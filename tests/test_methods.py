@@ -1,0 +1,24 @@
+import pytest
+
+from flex_pbs import PBSConfig
+from flex_pbs.methods import METHODS, method_config
+
+
+def test_methods_are_configurations_of_one_engine():
+    assert method_config("dense") is None
+    assert method_config("pbs") == PBSConfig()
+    assert method_config("xattention").permute == "none"
+    assert method_config("pbs_mean").scoring == "mean"
+    assert method_config("meanpool", threshold=0.8) == PBSConfig(scoring="mean", permute="none", threshold=0.8)
+    assert set(METHODS) == {"dense", "pbs", "pbs_mean", "xattention", "meanpool"}
+
+
+def test_unknown_method_and_bad_overrides():
+    with pytest.raises(ValueError, match="unknown method 'flash'"):
+        method_config("flash")
+    with pytest.raises(ValueError, match="threshold"):
+        method_config("pbs", threshold=1.5)
+    with pytest.raises(TypeError, match="unknown PBSConfig key"):
+        method_config("pbs", treshold=0.5)
+    with pytest.raises(ValueError, match="dense"):
+        method_config("dense", threshold=0.5)
