@@ -457,7 +457,7 @@ def density_vs_threshold(rows: Sequence[Mapping], title: str | None = None) -> F
 
 def recall_vs_density(rows: Sequence[Mapping], title: str | None = None) -> Figure:
     """Mean recall against mean density over heads, one curve per method (up and left is
-    better); faint points are individual heads.
+    better), one point per threshold (density grows with it); faint points are single heads.
 
     Args:
         rows: the output of :func:`sweep_layer`.
@@ -465,15 +465,15 @@ def recall_vs_density(rows: Sequence[Mapping], title: str | None = None) -> Figu
     """
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.subplots()
-    for name, group in _rows_by_method(rows).items():
+    by_method = _rows_by_method(rows)
+    for name, group in by_method.items():
         line = ax.plot([r["density"] for r in group], [r["recall"] for r in group], marker="o", label=name)[0]
         for r in group:
             ax.scatter(r["head_densities"], r["head_recalls"], s=9, color=line.get_color(), alpha=0.3, linewidths=0)
-            ax.annotate(f"{r['threshold']:g}", (r["density"], r["recall"]), xytext=(4, -9),
-                        textcoords="offset points", fontsize=7, color=line.get_color())
+    thresholds = sorted({r["threshold"] for group in by_method.values() for r in group})
     ax.set_xlabel("density (computed / causal blocks)")
     ax.set_ylabel("recall (exact attention mass computed)")
     ax.grid(alpha=0.3)
-    ax.legend(title="method (labels: threshold; points: heads)")
+    ax.legend(title=f"method: thresholds {thresholds[0]:g}…{thresholds[-1]:g}\nleft to right; points: heads", fontsize=9)
     ax.set_title(title or "Recall vs density")
     return fig
