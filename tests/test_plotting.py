@@ -1,5 +1,7 @@
 import io
+import json
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -11,6 +13,7 @@ import torch
 from flex_pbs import plotting
 from flex_pbs.synthetic import planted_qkv
 
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore_masks.ipynb"
 METHODS = ["dense", "xattention", "meanpool", "pbs_mean", "pbs"]
 SMALL = {"block_size": 32, "segment_size": 64, "stride": 8}
 
@@ -157,3 +160,11 @@ def test_layer_table_and_its_markdown(qkv):
     with pytest.raises(ValueError, match="row 1 has columns"):
         plotting.format_table([{"a": 1}, {"b": 2}])
 
+
+def test_committed_notebook_has_no_outputs_or_execution_counts():
+    notebook = json.loads(NOTEBOOK.read_text())
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code, "the notebook has no code cell"
+    assert all(cell["outputs"] == [] and cell["execution_count"] is None for cell in code)
+    assert all(not cell.get("metadata") for cell in notebook["cells"])
+    assert set(notebook["metadata"]) <= {"kernelspec", "language_info"}
