@@ -1,0 +1,329 @@
+"""Structured configs of the experiment runner, and the checks that run before any model loads.
+
+Types live here, values live in ``configs/*.yaml``. Hydra composes the yaml files on top of
+these dataclasses (registered in its ConfigStore), so a typo'd key or a value of the wrong type
+fails at composition; :func:`validate` then checks the values and builds the method's engine
+config, with messages that start with the offending key.
+
+The method node is generated from :class:`~flex_pbs.config.PBSConfig`: ``name`` plus every
+PBSConfig field as an optional override (``null`` = the method preset's value), so fields added
+to PBSConfig are configurable here without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ..config import PBSConfig
+from ..data import TEXTS
+from ..methods import METHODS, method_config
+from ..models import TINY_ARCHITECTURES
+
+MODEL_SOURCES = ("smollm2", "tiny", "llama8b")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEMA_NAME = "run_schema"
+TASK_SCHEMA_PREFIX = "task_schema_"
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message starts with the offending key."""
+
+
+# ------------------------------------------------------------------------------- the schema
+
+
+_CHECKED_TYPES = (int, float, str, bool)
+
+
+def optional_field_type(annotation: Any) -> Any:
+    """``Optional[T]`` for an annotation OmegaConf can type-check (``T`` or ``T | None`` with
+    ``T`` a primitive), ``Any`` otherwise (the value is then checked by PBSConfig itself)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return Optional[args[0]] if len(args) == 1 and args[0] in _CHECKED_TYPES else Any
+
+
+def method_schema() -> type:
+    """The ``MethodConfig`` dataclass: ``name`` plus every PBSConfig field, defaulting to None."""
+    hints = typing.get_type_hints(PBSConfig)
+    overrides = [
+        (f.name, optional_field_type(hints[f.name]), field(default=None)) for f in dataclasses.fields(PBSConfig)
+    ]
+    if any(name == "name" for name, *_ in overrides):
+        raise RuntimeError("PBSConfig has a field called 'name', which the method node reserves")
+    return dataclasses.make_dataclass("MethodConfig", [("name", str, field(default=MISSING)), *overrides])
+
+
+MethodConfig = method_schema()
+
+
+@dataclass
+class ModelConfig:
+    """Which model: ``smollm2`` (the real model), ``tiny`` (random weights, ``arch``) or
+    ``llama8b`` (random weights, Llama-3.1-8B shapes, ``num_layers`` layers)."""
+
+    name: str = MISSING
+    source: str = MISSING
+    arch: Optional[str] = None
+    num_layers: Optional[int] = None
+
+
+@dataclass
+class PerplexityTask:
+    """Perplexity of the whole sequence and of its last ``tail_tokens`` predictions, with a few
+    passkey trials at the same length."""
+
+    name: str = MISSING
+    tail_tokens: int = MISSING
+    recall: bool = MISSING
+    passkey_trials: int = MISSING
+    passkey_new_tokens: int = MISSING
+
+
+@dataclass
+class PasskeyTask:
+    """Passkey retrieval accuracy per context length and needle depth."""
+
+    name: str = MISSING
+    lengths: List[int] = MISSING
+    depths: List[float] = MISSING
+    trials: int = MISSING
+    new_tokens: int = MISSING
+
+
+@dataclass
+class AttentionStatsTask:
+    """Density and recall of the method's plans per layer and head, from captured Q/K."""
+
+    name: str = MISSING
+    recall: bool = MISSING
+    recall_query_blocks: Optional[int] = MISSING
+    layers: Optional[List[int]] = MISSING
+
+
+@dataclass
+class LatencyTask:
+    """Prefill wall time per method after a warm-up pass (compile time reported apart)."""
+
+    name: str = MISSING
+    repeats: int = MISSING
+
+
+TASK_SCHEMAS: dict[str, type] = {
+    "perplexity": PerplexityTask,
+    "passkey": PasskeyTask,
+    "attention_stats": AttentionStatsTask,
+    "latency": LatencyTask,
+}
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one method (dense is always evaluated too), one model, one task."""
+
+    method: MethodConfig = MISSING  # type: ignore[valid-type]
+    model: ModelConfig = MISSING
+    task: Any = MISSING
+    device: str = MISSING
+    dtype: str = MISSING
+    seq_len: int = MISSING
+    seed: int = MISSING
+    text: str = MISSING
+    dense_layers: Any = MISSING
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore, outside any group so that ``--help`` lists only
+    real choices (``configs/config.yaml`` and the task files name them in their defaults)."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=RunConfig)
+    for name, schema in TASK_SCHEMAS.items():
+        store.store(name=f"{TASK_SCHEMA_PREFIX}{name}", node=schema)
+
+
+register_configs()
+
+
+# --------------------------------------------------------------------------- the validation
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run: what the tasks read.
+
+    Attributes:
+        method: the method's name; engine: its PBSConfig (None for dense);
+        overrides: the PBSConfig fields the method node sets.
+        task: the task's dataclass (one of :data:`TASK_SCHEMAS`).
+        dense_layers: ``n`` (the first n layers) or a tuple of layer indices run dense.
+    """
+
+    method: str
+    engine: PBSConfig | None
+    overrides: dict[str, Any]
+    model: ModelConfig
+    task: Any
+    device: str
+    dtype: torch.dtype
+    seq_len: int
+    seed: int
+    text: str
+    dense_layers: int | tuple[int, ...]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive_int(key: str, value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key} must be > 0, got {value!r}")
+
+
+def _non_negative_int(key: str, value: Any) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{key} must be >= 0, got {value!r}"
+    )
+
+
+def unknown_key_problems(node: DictConfig, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for a key its schema lacks (``+key=value`` overrides can add
+    them), recursing into nested schema nodes."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"{path} is not a configurable key; {hint}valid keys: {known}")
+        if not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig):
+            unknown_key_problems(node[key], f"{path}.")
+
+
+def method_engine(method: Any) -> tuple[PBSConfig | None, dict[str, Any]]:
+    """``(engine config, overrides)`` of a method node; errors name the ``method.`` key."""
+    values = {k: getattr(method, k) for k in (f.name for f in dataclasses.fields(PBSConfig))}
+    overrides = {k: v for k, v in values.items() if v is not None}
+    _require(method.name in METHODS, f"method.name: unknown method {method.name!r}; choose from {sorted(METHODS)}")
+    try:
+        return method_config(method.name, **overrides), overrides
+    except (TypeError, ValueError) as error:
+        message = re.sub(r"\bPBSConfig\.", "method.", str(error))
+        raise ConfigError(message if message.startswith("method.") else f"method: {message}") from error
+
+
+def model_problems(model: ModelConfig) -> None:
+    """Raise :class:`ConfigError` if the model node is inconsistent."""
+    _require(model.source in MODEL_SOURCES, f"model.source must be one of {MODEL_SOURCES}, got {model.source!r}")
+    if model.source == "tiny":
+        _require(
+            model.arch in TINY_ARCHITECTURES,
+            f"model.arch must be one of {sorted(TINY_ARCHITECTURES)} for a tiny model, got {model.arch!r}",
+        )
+    else:
+        _require(model.arch is None, f"model.arch applies to tiny models only, got {model.arch!r}")
+    if model.source == "smollm2":
+        _require(model.num_layers is None, "model.num_layers applies to random models only (SmolLM2 has 30)")
+    elif model.num_layers is not None:
+        _positive_int("model.num_layers", model.num_layers)
+
+
+def task_problems(task: Any, method: str, seq_len: int) -> None:
+    """Raise :class:`ConfigError` if a task's values are out of range."""
+    if isinstance(task, PerplexityTask):
+        _require(seq_len >= 2, f"seq_len must be >= 2 for task=perplexity (it predicts tokens 2..seq_len), got {seq_len}")
+        _positive_int("task.tail_tokens", task.tail_tokens)
+        _non_negative_int("task.passkey_trials", task.passkey_trials)
+        _positive_int("task.passkey_new_tokens", task.passkey_new_tokens)
+    elif isinstance(task, PasskeyTask):
+        _require(len(task.lengths) > 0, "task.lengths must list at least one length")
+        for length in task.lengths:
+            _positive_int("task.lengths[]", length)
+        _require(len(task.depths) > 0, "task.depths must list at least one depth")
+        for depth in task.depths:
+            _require(0.0 <= depth <= 1.0, f"task.depths[] must be in [0, 1], got {depth}")
+        _positive_int("task.trials", task.trials)
+        _positive_int("task.new_tokens", task.new_tokens)
+    elif isinstance(task, AttentionStatsTask):
+        _require(method != "dense", "method: task=attention_stats analyses a sparse method's plans; dense has none")
+        if task.recall_query_blocks is not None:
+            _positive_int("task.recall_query_blocks", task.recall_query_blocks)
+        for layer in task.layers or ():
+            _non_negative_int("task.layers[]", layer)
+    elif isinstance(task, LatencyTask):
+        _positive_int("task.repeats", task.repeats)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype of a ``dtype`` value: ``auto`` is float32 on CPU and bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    _require(name in DTYPES, f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def device_problems(device: str) -> None:
+    """Raise :class:`ConfigError` for an unknown or unavailable device."""
+    _require(
+        re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None, f"device must be 'cpu' or 'cuda[:N]', got {device!r}"
+    )
+    if device.startswith("cuda"):
+        _require(torch.cuda.is_available(), f"device={device} but torch.cuda.is_available() is False")
+
+
+def dense_layers_value(value: Any) -> int | tuple[int, ...]:
+    """``dense_layers`` as ``register`` takes it: an int n (first n layers) or layer indices."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        _non_negative_int("dense_layers", value)
+        return value
+    _require(
+        isinstance(value, (list, tuple)) or OmegaConf.is_list(value),
+        f"dense_layers must be an int (the first n layers) or a list of layer indices, got {value!r}",
+    )
+    for layer in value:
+        _non_negative_int("dense_layers[]", layer)
+    return tuple(value)
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Check a composed run config and return its :class:`RunSpec`; raises :class:`ConfigError`."""
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"validate takes the composed DictConfig, got {type(cfg).__name__}")
+    unknown_key_problems(cfg)
+    run: RunConfig = OmegaConf.to_object(cfg)
+    _require(run.task.name in TASK_SCHEMAS, f"task.name must be one of {sorted(TASK_SCHEMAS)}, got {run.task.name!r}")
+    _require(
+        isinstance(run.task, TASK_SCHEMAS[run.task.name]),
+        f"task: the task file for {run.task.name!r} must extend /{TASK_SCHEMA_PREFIX}{run.task.name}",
+    )
+    engine, overrides = method_engine(run.method)
+    model_problems(run.model)
+    _positive_int("seq_len", run.seq_len)
+    task_problems(run.task, run.method.name, run.seq_len)
+    _require(run.text in TEXTS, f"text must be one of {TEXTS}, got {run.text!r}")
+    device_problems(run.device)
+    dense_layers = dense_layers_value(run.dense_layers)
+    return RunSpec(
+        method=run.method.name,
+        engine=engine,
+        overrides=overrides,
+        model=run.model,
+        task=run.task,
+        device=run.device,
+        dtype=resolve_dtype(run.dtype, run.device),
+        seq_len=run.seq_len,
+        seed=run.seed,
+        text=run.text,
+        dense_layers=dense_layers,
+    )
