@@ -1,0 +1,49 @@
+"""One run of ``flex-pbs-run``: validate, load the model, run the task, print and write results."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from .report import environment, format_table, write_results
+from .schema import validate
+from .session import load_session
+from .tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+
+def run_job(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the task a composed config describes and write ``results.{json,csv,png}`` to ``out_dir``.
+
+    The config is validated before any model loads. Returns the ``results.json`` payload.
+
+    Args:
+        cfg: the composed config (``configs/config.yaml`` plus overrides).
+        out_dir: where the results go (Hydra's run or job directory).
+        overrides: the command-line overrides of this job, recorded with the results.
+    """
+    spec = validate(cfg)
+    session = load_session(spec)
+    result, plot = TASKS[spec.task.name](spec, session)
+    payload = {
+        "task": result.task,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "overrides": list(overrides),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "environment": environment(spec.device),
+        "notes": result.notes,
+        "rows": result.rows,
+        "details": result.details,
+    }
+    files = write_results(Path(out_dir), payload, result.rows, plot)
+    title = f"{result.task}: model={spec.model.name} method={spec.method} text={spec.text} device={spec.device}"
+    print(f"\n{title}\n\n{format_table(result.rows, result.columns)}\n")
+    for note in result.notes:
+        print(f"* {note}")
+    print(f"\nresults: {', '.join(str(f) for f in files)}")
+    return payload
