@@ -1,0 +1,152 @@
+"""``flex-pbs-sweep <multirun_dir>``: summarise a perplexity sweep of ``flex-pbs-run -m``.
+
+Every ``results.json`` under the directory (one per job) contributes its sparse-method row;
+dense rows (one per job, identical for identical model, text and length) are kept once. Writes
+``sweep.csv``, ``sweep.md`` and ``sweep.png`` (perplexity and tail perplexity against mean
+density, one line per method across its runs, dense as a horizontal reference) and prints the
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import plots
+from .report import Column, format_table, write_csv
+
+SWEPT_TASK = "perplexity"
+
+
+def find_results(root: Path) -> list[Path]:
+    """Every ``results.json`` under ``root``, in path order."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory (pass a flex-pbs-run -m output directory)")
+    return sorted(root.rglob("results.json"))
+
+
+def load_runs(paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``(perplexity results, skipped)``: results of other tasks are listed as skipped."""
+    runs, skipped = [], []
+    for path in paths:
+        payload = json.loads(path.read_text())
+        if payload.get("task") != SWEPT_TASK:
+            skipped.append(f"{path} (task={payload.get('task')})")
+            continue
+        runs.append({**payload, "path": path})
+    return runs, skipped
+
+
+def _run_fields(run: dict[str, Any], row: dict[str, Any], root: Path) -> dict[str, Any]:
+    keep = ("method", "threshold", "engine", "seq_len", "perplexity", "tail_perplexity", "tail_tokens",
+            "delta_pct", "tail_delta_pct", "passkey", "density", "recall", "wall_s")
+    return {
+        **{key: row.get(key) for key in keep},
+        "model": run["config"]["model"]["name"],
+        "text": run["config"]["text"],
+        "run": str(run["path"].parent.relative_to(root)),
+        "overrides": " ".join(run["overrides"]),
+    }
+
+
+def sweep_rows(runs: list[dict[str, Any]], root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(dense rows, method rows)``: dense once per (model, text, length, tail), then every
+    sparse row."""
+    dense, methods = {}, []
+    for run in runs:
+        for row in run["rows"]:
+            fields = _run_fields(run, row, root)
+            if row["method"] == "dense":
+                dense.setdefault((fields["model"], fields["text"], fields["seq_len"], fields["tail_tokens"]), fields)
+            else:
+                methods.append(fields)
+    return list(dense.values()), methods
+
+
+def varying_engine_fields(rows: list[dict[str, Any]]) -> list[str]:
+    """Engine fields whose value differs between rows (``threshold`` if none does)."""
+    engines = [r["engine"] for r in rows]
+    varying = [key for key in engines[0] if len({repr(e[key]) for e in engines}) > 1]
+    return varying or ["threshold"]
+
+
+def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Method rows grouped into lines (by method, and by length or model when several are
+    present), sorted by density; each point gets a label of the engine fields that vary."""
+    several = {key: len({r[key] for r in rows}) > 1 for key in ("seq_len", "model")}
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        label = row["method"] + (f", {row['seq_len']} tok" if several["seq_len"] else "")
+        grouped[label + (f", {row['model']}" if several["model"] else "")].append(row)
+    for points in grouped.values():
+        fields = varying_engine_fields(points)
+        for p in points:
+            p["point_label"] = ", ".join(f"{key}={p['engine'][key]}" for key in fields)
+        points.sort(key=lambda p: p["density"])
+    return dict(grouped)
+
+
+def tail_header(rows: list[dict[str, Any]]) -> str:
+    tails = {r["tail_tokens"] for r in rows}
+    return f"ppl last {tails.pop()}" if len(tails) == 1 else "tail ppl"
+
+
+def sweep_columns(tail: str) -> list[Column]:
+    return [
+        Column("method", "method"),
+        Column("point_label", "setting"),
+        Column("seq_len", "context"),
+        Column("perplexity", "perplexity", "{:.3f}"),
+        Column("delta_pct", "Δ vs dense (%)", "{:+.2f}"),
+        Column("tail_perplexity", tail, "{:.3f}"),
+        Column("tail_delta_pct", "Δ tail (%)", "{:+.2f}"),
+        Column("passkey", "passkey", "{:.0%}"),
+        Column("density", "mean density", "{:.3f}"),
+        Column("recall", "mean recall", "{:.3f}"),
+        Column("run", "run"),
+    ]
+
+
+def summarize(root: Path, out_dir: Path | None = None) -> str:
+    """Write ``sweep.csv``, ``sweep.md`` and ``sweep.png`` for the sweep under ``root`` (into
+    ``out_dir``, default ``root``) and return the table."""
+    root = Path(root)
+    out_dir = Path(out_dir or root)
+    runs, skipped = load_runs(find_results(root))
+    if not runs:
+        raise FileNotFoundError(
+            f"no {SWEPT_TASK} results.json under {root}; run e.g. "
+            "`flex-pbs-run -m method=pbs,xattention method.threshold=0.8,0.9` first"
+        )
+    dense, methods = sweep_rows(runs, root)
+    lines = curves(methods)
+    rows = dense + [p for points in lines.values() for p in points]
+    tail = tail_header(rows)
+    table = format_table(rows, sweep_columns(tail))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "sweep.csv", rows)
+    skipped_text = "".join(f"\n* skipped {s}" for s in skipped)
+    (out_dir / "sweep.md").write_text(f"# Sweep {root}\n\n{table}\n{skipped_text}\n")
+    plots.plot_sweep(lines, dense, tail, out_dir / "sweep.png")
+    return table + skipped_text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``flex-pbs-sweep``."""
+    parser = argparse.ArgumentParser(prog="flex-pbs-sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("multirun_dir", type=Path, help="the directory of a `flex-pbs-run -m` sweep")
+    parser.add_argument("--out", type=Path, default=None, help="where to write sweep.* (default: multirun_dir)")
+    args = parser.parse_args(argv)
+    try:
+        table = summarize(args.multirun_dir, args.out)
+    except FileNotFoundError as error:
+        parser.exit(2, f"flex-pbs-sweep: {error}\n")
+    out = args.out or args.multirun_dir
+    print(f"{table}\n\nwritten: {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
+
+
+if __name__ == "__main__":
+    main()
