@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,8 +12,6 @@ from .report import environment, format_table, write_results
 from .schema import validate
 from .session import load_session
 from .tasks import TASKS
-
-log = logging.getLogger(__name__)
 
 
 def run_job(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

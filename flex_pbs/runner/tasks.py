@@ -76,7 +76,7 @@ def random_weights_notes(session: Session, spec: RunSpec) -> list[str]:
 # ------------------------------------------------------------------------------- perplexity
 
 
-def passkey_accuracy(session: Session, length: int, count: int, new_tokens: int, seed: int) -> list[dict[str, Any]]:
+def spread_passkey_trials(session: Session, length: int, count: int, new_tokens: int, seed: int) -> list[dict[str, Any]]:
     """``count`` passkey trials at ``length`` tokens, depths spread evenly over the context
     (none when ``count`` is 0)."""
     keys = passkeys(count, seed)
@@ -100,7 +100,7 @@ def perplexity_of(method: Method, spec: RunSpec, session: Session, ids: torch.Te
         output, wall_s = timed_forward(session, ids)
         losses = token_losses(output.logits, ids)
         del output
-        trials = passkey_accuracy(session, spec.seq_len, task.passkey_trials, task.passkey_new_tokens, spec.seed)
+        trials = spread_passkey_trials(session, spec.seq_len, task.passkey_trials, task.passkey_new_tokens, spec.seed)
     correct = sum(t["correct"] for t in trials)
     row = {
         **method_fields(method),
