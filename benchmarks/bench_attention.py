@@ -27,7 +27,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flex_pbs import PBSConfig, pbs_attention  # noqa: E402
+from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
 from flex_pbs.attention import build_stage, permute_stage, score_stage, select_stage  # noqa: E402
 from flex_pbs.flex import flex_attend  # noqa: E402
 from flex_pbs.layout import BlockLayout  # noqa: E402
@@ -76,6 +76,8 @@ def load_workload(args, length: int):
         return planted_qkv(1, args.q_heads, args.kv_heads, length, args.head_dim, seed=args.seed,
                            dtype=torch.bfloat16, device="cuda")
     captured = torch.load(args.captured, map_location="cuda")
+    if captured["k"].shape[2] < length:
+        raise SystemExit(f"{args.captured} holds {captured['k'].shape[2]} tokens, fewer than {length}")
     return [captured[name][:, :, :length].to(torch.bfloat16).contiguous() for name in ("q", "k", "v")]
 
 
@@ -100,19 +102,22 @@ def run_length(args, length: int, rows: list[dict]) -> None:
         for backend in args.backends:
             cfg = PBSConfig(threshold=threshold, block_size=args.block_size, segment_size=args.segment_size,
                             stride=args.stride, scoring=args.scoring, permute=args.permute,
-                            scoring_backend=backend, max_density=args.max_density)
+                            backend=backend, max_density=args.max_density)
             layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
-            out, plan = pbs_attention(q, k, v, cfg, return_plan=True)  # compiles
+            pbs_attention(q, k, v, cfg)  # compiles
+            torch.cuda.empty_cache()
+            peak = peak_gib(lambda: pbs_attention(q, k, v, cfg))  # nothing else alive but q, k, v
+            out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
             key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
             v_perm = permute_keys(v, key_order)
-            scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
-            selected, causal, diagonal = select_stage(scores, key_order, layout, cfg)
-            mask = build_stage(selected, diagonal, key_order, layout)
+            scores = score_stage(q, k, k_perm, key_order, layout, cfg, scale)
+            selected, causal, indices = select_stage(scores, key_order, layout, cfg)
+            mask = build_stage(indices, key_order, layout)
             stages = {
                 "permute": bench_ms(lambda: (permute_stage(q, k, cfg, scale, 0), permute_keys(v, key_order))),
-                "score": bench_ms(lambda: score_stage(q, k_perm, key_order, layout, cfg, scale)),
+                "score": bench_ms(lambda: score_stage(q, k, k_perm, key_order, layout, cfg, scale)),
                 "select": bench_ms(lambda: select_stage(scores, key_order, layout, cfg)),
-                "build": bench_ms(lambda: build_stage(selected, diagonal, key_order, layout)),
+                "build": bench_ms(lambda: build_stage(indices, key_order, layout)),
                 "attend": bench_ms(lambda: flex_attend(q, k_perm, v_perm, mask, scale)),
             }
             total = bench_ms(lambda: pbs_attention(q, k, v, cfg))
@@ -121,12 +126,12 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             overhead = sum(stages[s] for s in ("permute", "score", "select", "build"))
             row = {**base, "method": f"pbs thr={threshold} ({backend})", "threshold": threshold, "backend": backend,
                    "ms": total, "speedup": sdpa_ms / total, "density": plan.density, "recall": recall,
-                   "peak_gib": peak_gib(lambda: pbs_attention(q, k, v, cfg)),
+                   "peak_gib": peak,
                    "overhead_ms": overhead, "overhead_vs_sdpa": overhead / sdpa_ms,
                    "attend_vs_ideal": stages["attend"] / (plan.density * sdpa_ms),
                    **{f"{s}_ms": t for s, t in stages.items()}}
             rows.append(row)
-            del out, plan, k_perm, v_perm, scores, selected, causal, mask
+            del out, plan, k_perm, v_perm, scores, selected, causal, indices, mask
             torch.cuda.empty_cache()
     del q, k, v
     torch.cuda.empty_cache()
@@ -179,12 +184,98 @@ def correctness_check(args) -> dict:
         return float((out[:, :, rows].float() - ref).norm() / ref.norm())
 
     result = {"L": length, "rows_checked": int(rows.numel()), "sdpa_bf16": rel(sdpa(q, k, v, scale))}
+    fused = build_plan(q, k, PBSConfig(threshold=0.9))
+    plain = build_plan(q, k, PBSConfig(threshold=0.9, backend="torch"))
+    result["fused_vs_torch_plan"] = {
+        "key_order_equal_share": float((fused.key_order == plain.key_order).float().mean()),
+        "blocks_differing": float((fused.block_mask != plain.block_mask).float().mean()),
+        "density": [fused.density, plain.density],
+    }
+    # Do CUDA kernels accept index lists narrower than nK (only as wide as the fullest row)?
+    from flex_pbs.attention import _plan_with_keys
+    from flex_pbs.flex_mask import build_flex_mask
+
+    cfg = PBSConfig(threshold=0.9)
+    plan, k_perm = _plan_with_keys(q, k, cfg, scale, 0)
+    v_perm = permute_keys(v, plan.key_order)
+    wide = flex_attend(q, k_perm, v_perm, plan.flex_mask, scale)
+    kv_num, kv_idx, full_num, full_idx = (plan.flex_mask.kv_num_blocks, plan.flex_mask.kv_indices,
+                                          plan.flex_mask.full_kv_num_blocks, plan.flex_mask.full_kv_indices)
+    narrow_indices = (kv_num, kv_idx[..., : int(kv_num.max())].contiguous(),
+                      full_num, full_idx[..., : int(full_num.max())].contiguous())
+    try:
+        narrow_mask = build_flex_mask(narrow_indices, plan.key_order, plan.layout)
+        narrow = flex_attend(q, k_perm, v_perm, narrow_mask, scale)
+        result["narrow_indices"] = {"max_abs_diff": float((narrow.float() - wide.float()).abs().max()),
+                                    "widths": [int(kv_num.max()), int(full_num.max()), plan.layout.num_kv_blocks]}
+    except Exception as error:
+        result["narrow_indices"] = {"error": str(error)[:300]}
+    del fused, plain, plan, k_perm, v_perm, wide
     for name, cfg in {"thr=1.0": PBSConfig(threshold=1.0), "thr=0.9": PBSConfig(threshold=0.9)}.items():
         start = time.perf_counter()
         out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
         torch.cuda.synchronize()
         result[name] = {"first_call_s": time.perf_counter() - start, "rel_error": rel(out), "density": plan.density}
     return result
+
+
+SCORER_CONFIGS = [  # (tile_rows, tile_slots, num_warps, num_stages, fp8)
+    (128, 128, 8, 3, False), (128, 128, 8, 4, False), (128, 256, 8, 3, False), (256, 128, 8, 3, False),
+    (128, 128, 8, 3, True), (128, 128, 8, 4, True), (128, 256, 8, 3, True), (64, 128, 4, 4, True),
+]
+FLEX_OPTIONS = [None]  # default, (128,64,8 warps,3 stages), (128,128,8,2) and (128,64,4,3) were tried: NOTES.md
+
+
+def tune(args) -> list[dict]:
+    """Time the fused scorer's tile configurations and FlexAttention kernel options."""
+    from flex_pbs.kernels.antidiagonal import antidiagonal_block_scores_fused
+
+    results = []
+    for length in args.lengths:
+        q, k, v = load_workload(args, length)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        cfg = PBSConfig(block_size=args.block_size, segment_size=args.segment_size, stride=args.stride)
+        layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
+        key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
+        sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
+        reference = None
+        for tile_rows, tile_slots, warps, stages, fp8 in SCORER_CONFIGS:
+            name = f"score rows={tile_rows} slots={tile_slots} warps={warps} stages={stages} fp8={fp8}"
+            kwargs = dict(tile_rows=tile_rows, tile_slots=tile_slots, num_warps=warps, num_stages=stages, fp8=fp8)
+            try:
+                def run():
+                    return antidiagonal_block_scores_fused(q, k_perm, key_order, layout, args.stride, scale, **kwargs)
+                scores = run()
+                ms = bench_ms(run)
+            except Exception as error:  # a tile that does not fit shared memory, say
+                results.append({"L": length, "what": name, "error": str(error)[:200]})
+                continue
+            row = {"L": length, "what": name, "ms": ms, "vs_sdpa": ms / sdpa_ms}
+            if reference is None:
+                reference = scores
+            else:
+                row["max_abs_diff"] = float((scores - reference).abs().max())
+                sel_ref = select_stage(reference, key_order, layout, cfg)[0]
+                sel = select_stage(scores, key_order, layout, cfg)[0]
+                row["blocks_differing"] = float((sel != sel_ref).float().mean())
+                row["density"] = float(sel.float().mean())
+            results.append(row)
+            print(row, flush=True)
+        plan = pbs_attention(q, k, v, cfg, return_plan=True)[1]
+        v_perm = permute_keys(v, key_order)
+        for options in FLEX_OPTIONS:
+            try:
+                flex_attend(q, k_perm, v_perm, plan.flex_mask, scale, kernel_options=options)
+                ms = bench_ms(lambda: flex_attend(q, k_perm, v_perm, plan.flex_mask, scale, kernel_options=options))
+                row = {"L": length, "what": f"attend {options}", "ms": ms, "density": plan.density,
+                       "vs_ideal": ms / (plan.density * sdpa_ms)}
+            except Exception as error:
+                row = {"L": length, "what": f"attend {options}", "error": str(error)[:200]}
+            results.append(row)
+            print(row, flush=True)
+        del q, k, v, k_perm, v_perm, plan
+        torch.cuda.empty_cache()
+    return results
 
 
 def print_table(rows: list[dict]) -> None:
@@ -221,6 +312,7 @@ def main(argv=None) -> None:
     parser.add_argument("--check", action="store_true", help="only the correctness check")
     parser.add_argument("--check-length", type=int, default=32768)
     parser.add_argument("--recompile-probe", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="time scorer tiles and flex kernel options")
     parser.add_argument("--out", default="bench_attention.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -233,6 +325,8 @@ def main(argv=None) -> None:
     if args.check:
         report["check"] = correctness_check(args)
         print(json.dumps(report["check"], indent=1))
+    elif args.tune:
+        report["tune"] = tune(args)
     else:
         rows: list[dict] = []
         for length in args.lengths:

@@ -14,13 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from .adaptive import adaptive_key_order
 from .config import PBSConfig
 from .flex import bucket_length, flex_attend
-from .flex_mask import build_flex_mask
+from .flex_mask import MaskIndices, build_flex_mask, selection_indices
 from .layout import BlockLayout
-from .permutation import identity_key_order, key_importance, permute_keys, segment_key_order
-from .scoring import antidiagonal_block_scores, mean_pool_block_scores
-from .selection import select_blocks
+from .permutation import (
+    identity_key_order,
+    key_importance,
+    mixed_importance,
+    next_block_importance,
+    permute_keys,
+    segment_key_order,
+)
+from .scoring import estimate_block_scores
+from .selection import forced_blocks, select_blocks
 
 
 @dataclass(frozen=True)
@@ -132,11 +140,13 @@ def _dense_plan(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> PBSPla
     )
 
 
-def _sink_blocks(key_order: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """One-hot of the key block holding original token 0: bool ``[B, Hkv, 1, nK]``."""
-    sink_slot = (key_order == 0).to(torch.uint8).argmax(dim=-1)
-    blocks = torch.arange(layout.num_kv_blocks, device=key_order.device)
-    return (blocks == (sink_slot // layout.block_size)[..., None])[:, :, None, :]
+def _fused(q: torch.Tensor, config: PBSConfig) -> bool:
+    """Whether the planning stages run as Triton kernels (default: on CUDA, if installed)."""
+    if config.backend != "auto":
+        return config.backend == "triton"
+    from .kernels import triton_available
+
+    return q.is_cuda and triton_available()
 
 
 def permute_stage(
@@ -145,71 +155,73 @@ def permute_stage(
     """Stage 1: ``(key_order long [B, Hkv, Lk], k_perm [B, Hkv, Lk, D])``."""
     if config.permute == "none":
         return identity_key_order(k), k
-    importance = key_importance(q, k, config.block_size, scale, q_offset)
+    if _fused(q, config):
+        from .kernels.importance import key_importance_fused as importance_of
+    else:
+        importance_of = key_importance
+    importance = importance_of(q, k, config.block_size, scale, q_offset)
+    if config.importance != "last":
+        nxt = next_block_importance(q, k, config.block_size, config.segment_size, scale, q_offset)
+        weight = 0.0 if config.importance == "next" else 0.5
+        importance = mixed_importance(importance, nxt, config.segment_size, weight)
     key_order = segment_key_order(importance, config.segment_size)
+    if config.permute == "adaptive":
+        layout = BlockLayout(q.shape[2], k.shape[2], q_offset, config.block_size, config.segment_size)
+        key_order = adaptive_key_order(q, k, key_order, layout, config, scale)
     return key_order, permute_keys(k, key_order)
 
 
 def score_stage(
     q: torch.Tensor,
+    k: torch.Tensor,
     k_perm: torch.Tensor,
     key_order: torch.Tensor,
     layout: BlockLayout,
     config: PBSConfig,
     scale: float,
 ) -> torch.Tensor:
-    """Stage 2: float32 block scores ``[B, Hq, nQ, nK]`` (fused Triton kernel on CUDA)."""
-    if config.scoring == "mean":
-        return mean_pool_block_scores(q, k_perm, layout, scale)
-    if _use_fused_scoring(q, config):
+    """Stage 2: float32 block scores ``[B, Hq, nQ, nK]``."""
+    if config.scoring == "antidiagonal" and not config.diagonal_original and _fused(q, config):
         from .kernels.antidiagonal import antidiagonal_block_scores_fused
 
-        return antidiagonal_block_scores_fused(q, k_perm, key_order, layout, config.stride, scale)
-    return antidiagonal_block_scores(q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk)
-
-
-def _use_fused_scoring(q: torch.Tensor, config: PBSConfig) -> bool:
-    if config.scoring_backend == "torch":
-        return False
-    if config.scoring_backend == "triton":
-        return True
-    from .kernels import triton_available
-
-    if not (q.is_cuda and triton_available()):
-        return False
-    from .kernels.antidiagonal import supports
-
-    return supports(q, config.block_size, config.stride)
+        return antidiagonal_block_scores_fused(
+            q, k_perm, key_order, layout, config.stride, scale, fp8=config.scoring_fp8
+        )
+    k_original = k if config.diagonal_original and config.permute != "none" else None
+    return estimate_block_scores(q, k_perm, key_order, layout, config, scale, k_original=k_original)
 
 
 def select_stage(
     scores: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stage 3: ``(selected [B, Hq, nQ, nK], causal [B, Hkv, nQ, nK], diagonal [nQ, nK])``."""
-    group = scores.shape[1] // key_order.shape[1]
+) -> tuple[torch.Tensor, torch.Tensor, MaskIndices]:
+    """Stage 3: ``(selected bool [B, Hq, nQ, nK], causal bool [B, Hkv, nQ, nK], indices)``,
+    ``indices`` being FlexAttention's block lists of the selection."""
     causal = layout.causal_blocks(key_order)
-    diagonal = layout.diagonal_blocks(scores.device)
-    forced = diagonal | _sink_blocks(key_order, layout) if config.force_sink else diagonal
+    if _fused(scores, config):
+        from .kernels.selection import select_and_index_fused
+
+        selected, indices = select_and_index_fused(scores, key_order, layout, config)
+        return selected, causal, indices
+    group = scores.shape[1] // key_order.shape[1]
+    forced = forced_blocks(key_order, layout, config).expand_as(causal)
     selected = select_blocks(
         scores,
         candidates=causal.repeat_interleave(group, dim=1),
-        forced=forced.expand_as(causal).repeat_interleave(group, dim=1),
+        forced=forced.repeat_interleave(group, dim=1),
         threshold=config.threshold,
         max_density=config.max_density,
     )
-    return selected, causal, diagonal
+    return selected, causal, selection_indices(selected, layout.diagonal_blocks(scores.device))
 
 
-def build_stage(
-    selected: torch.Tensor, diagonal: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout
-) -> BlockMask:
+def build_stage(indices: MaskIndices, key_order: torch.Tensor, layout: BlockLayout) -> BlockMask:
     """Stage 4: the BlockMask, at the length the compiled kernel runs at on this device."""
-    device_type = selected.device.type
+    device_type = key_order.device.type
     kernel_lengths = (
         bucket_length(layout.q_len, layout.block_size, device_type),
         bucket_length(layout.kv_len, layout.block_size, device_type),
     )
-    return build_flex_mask(selected, diagonal, key_order, layout, kernel_lengths)
+    return build_flex_mask(indices, key_order, layout, kernel_lengths)
 
 
 def _plan_with_keys(
@@ -220,9 +232,9 @@ def _plan_with_keys(
     if config.is_dense_for(k.shape[2]):
         return _dense_plan(q, k, layout), k
     key_order, k_perm = permute_stage(q, k, config, scale, q_offset)
-    scores = score_stage(q, k_perm, key_order, layout, config, scale)
-    selected, causal, diagonal = select_stage(scores, key_order, layout, config)
-    flex_mask = build_stage(selected, diagonal, key_order, layout)
+    scores = score_stage(q, k, k_perm, key_order, layout, config, scale)
+    selected, causal, indices = select_stage(scores, key_order, layout, config)
+    flex_mask = build_stage(indices, key_order, layout)
     return PBSPlan(selected, key_order, causal, scores, flex_mask, layout), k_perm
 
 
@@ -283,7 +295,10 @@ def pbs_attention(
     plan, k_perm = _plan_with_keys(q, k, config, scale, q_offset)
     if plan.dense:
         out = dense_causal_attention(q, k, v, scale, q_offset)
-    else:
-        v_perm = permute_keys(v, plan.key_order) if config.permute == "key" else v
-        out = flex_attend(q, k_perm, v_perm, plan.flex_mask, scale)
+        return (out, plan) if return_plan else out
+    v_perm = v if config.permute == "none" else permute_keys(v, plan.key_order)
+    flex_mask = plan.flex_mask
+    if not return_plan:
+        del plan  # block scores and masks are not needed while attending
+    out = flex_attend(q, k_perm, v_perm, flex_mask, scale)
     return (out, plan) if return_plan else out

@@ -38,30 +38,44 @@ def block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, indices
 
 
+# FlexAttention's index lists: (partial counts, partial indices, full counts, full indices),
+# int32 ``[B, H, nQ]`` and ``[B, H, nQ, nK]``.
+MaskIndices = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def selection_indices(selected: torch.Tensor, diagonal: torch.Tensor) -> MaskIndices:
+    """Index lists of a selection: diagonal-segment blocks partial, the others full.
+
+    Args:
+        selected: bool ``[B, Hq, nQ, nK]``; diagonal: bool ``[nQ, nK]``.
+    """
+    return (*block_indices(selected & diagonal), *block_indices(selected & ~diagonal))
+
+
 def build_flex_mask(
-    selected: torch.Tensor,
-    diagonal: torch.Tensor,
+    indices: MaskIndices,
     key_order: torch.Tensor,
     layout: BlockLayout,
     kernel_lengths: tuple[int, int] | None = None,
 ) -> BlockMask:
-    """The BlockMask that computes exactly the selected blocks, token-causal on the diagonal.
+    """The BlockMask that computes exactly the indexed blocks, token-causal on partial ones.
 
     Args:
-        selected: bool ``[B, Hq, nQ, nK]``, blocks to compute (permuted key layout).
-        diagonal: bool ``[nQ, nK]``, blocks that need token-level masking.
+        indices: from :func:`selection_indices` (or the fused selection kernel).
         key_order: long ``[B, Hkv, Lk]``, original position of each key slot.
         layout: the block geometry (query offset among the keys included).
         kernel_lengths: ``(q_len, kv_len)`` the kernel runs at, if larger than the real ones
             (padding rows compute nothing; padding keys are never visible).
     """
-    batch, q_heads, n_q, n_k = selected.shape
+    kv_num, kv_idx, full_num, full_idx = indices
+    q_heads, n_q, n_k = kv_idx.shape[1:]
     group = q_heads // key_order.shape[1]
     bs = layout.block_size
     q_len, kv_len = kernel_lengths or (layout.q_len, layout.kv_len)
     pad_q, pad_k = -(-q_len // bs) - n_q, -(-kv_len // bs) - n_k
-    partial = F.pad(selected & diagonal, (0, pad_k, 0, pad_q))
-    full = F.pad(selected & ~diagonal, (0, pad_k, 0, pad_q))
+    if pad_q or pad_k:
+        kv_num, full_num = (F.pad(n, (0, pad_q)) for n in (kv_num, full_num))
+        kv_idx, full_idx = (F.pad(i, (0, pad_k, 0, pad_q)) for i in (kv_idx, full_idx))
     # Shifting by the query offset lets the mask_mod compare with the local query index.
     shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
 
@@ -69,8 +83,10 @@ def build_flex_mask(
         return shifted_order[b, h // group, kv_idx] <= q_idx
 
     return BlockMask.from_kv_blocks(
-        *block_indices(partial),
-        *block_indices(full),
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
         BLOCK_SIZE=bs,
         mask_mod=original_position_causal,
         seq_lengths=(q_len, kv_len),

@@ -71,6 +71,16 @@ class BlockLayout:
         seg = self.key_block_segments(device)
         return seg[None, :] < (first // self.segment_size)[:, None]
 
+    def preceding_blocks(self, count: int, device: torch.device) -> torch.Tensor:
+        """The ``count`` key blocks just before the query block's diagonal segment: bool ``[nQ, nK]``.
+
+        They hold the query block's most recent earlier-segment keys (in some order).
+        """
+        first, _ = self.query_block_bounds(device)
+        diagonal_start = (first // self.segment_size) * (self.segment_size // self.block_size)
+        blocks = torch.arange(self.num_kv_blocks, device=device)
+        return (blocks[None, :] < diagonal_start[:, None]) & (blocks[None, :] >= diagonal_start[:, None] - count)
+
     def causal_blocks(self, key_order: torch.Tensor) -> torch.Tensor:
         """Blocks holding at least one key visible to the query block: bool ``[B, Hkv, nQ, nK]``.
 

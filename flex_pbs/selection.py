@@ -6,6 +6,9 @@ import math
 
 import torch
 
+from .config import PBSConfig
+from .layout import BlockLayout
+
 # Rows of blocks selected at once: bounds the sort's temporaries to about this many elements.
 _SELECT_CHUNK_ELEMENTS = 1 << 24
 
@@ -68,3 +71,28 @@ def _select_rows(
         keep &= torch.arange(scores.shape[-1], device=scores.device) < budget
     selected = torch.zeros_like(keep).scatter(-1, order, keep)
     return selected | forced
+
+
+def sink_blocks(key_order: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """One-hot of the key block holding original token 0: bool ``[B, Hkv, 1, nK]``."""
+    sink_slot = (key_order == 0).to(torch.uint8).argmax(dim=-1)
+    blocks = torch.arange(layout.num_kv_blocks, device=key_order.device)
+    return (blocks == (sink_slot // layout.block_size)[..., None])[:, :, None, :]
+
+
+def forced_blocks(
+    key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig, query_blocks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Blocks computed whatever their score: bool, broadcastable to ``[B, Hkv, n, nK]``.
+
+    The diagonal segment, the sink block (``force_sink``) and the ``force_local_blocks``
+    blocks before the diagonal segment, for all query blocks or only ``query_blocks``.
+    """
+    device = key_order.device
+    rows = slice(None) if query_blocks is None else query_blocks
+    forced = layout.diagonal_blocks(device)[rows]
+    if config.force_local_blocks:
+        forced = forced | layout.preceding_blocks(config.force_local_blocks, device)[rows]
+    if config.force_sink:
+        forced = forced | sink_blocks(key_order, layout)
+    return forced

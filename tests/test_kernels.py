@@ -1,4 +1,5 @@
-"""The fused Triton scorer computes the plain-torch function. On a CPU machine it runs under
+"""The fused Triton kernels (importance, antidiagonal scoring, selection + BlockMask indices)
+compute the plain-torch functions. On a CPU machine it runs under
 Triton's interpreter (fp32/fp16 only: the interpreter has no bf16), in a subprocess because
 TRITON_INTERPRET must be set before kernels are defined."""
 
@@ -41,10 +42,45 @@ CHECK = textwrap.dedent(
         err = (out - ref).abs().max().item()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < tol, (b, hq, hkv, lk, lq, d, bs, s, seg, dtype, err)
-    # The engine dispatches to it when asked, and selects the same blocks.
+    # Importance: two-pass kernel equals the materialised softmax.
+    import flex_pbs.kernels.importance as importance_kernel
+    from flex_pbs.permutation import key_importance
+    importance_kernel._KEYS_PER_SPLIT = 256  # several key splits, merged
+    for b, hq, hkv, lk, lq, d, bs in [(1, 4, 2, 1000, 1000, 32, 128), (2, 3, 1, 700, 500, 16, 64)]:
+        q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
+        ref = key_importance(q, k, bs, d**-0.5, lk - lq)
+        out = importance_kernel.key_importance_fused(q, k, bs, d**-0.5, lk - lq)
+        assert (out - ref).abs().max() < 1e-6, (out - ref).abs().max()
+    # Selection + index lists: the kernel reproduces the torch stage exactly (no ties here).
+    from flex_pbs.attention import permute_stage, score_stage, select_stage
+    from flex_pbs.flex_mask import selection_indices
+    from flex_pbs.kernels.selection import select_and_index_fused
+    configs = [
+        (1, 4, 2, 1500, 1500, 32, PBSConfig(threshold=0.8)),
+        (2, 3, 1, 1100, 700, 16, PBSConfig(threshold=0.6, force_local_blocks=1)),
+        (1, 2, 2, 1300, 1300, 16, PBSConfig(threshold=0.95, max_density=0.3, permute="none")),
+        (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=1.0)),
+        (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=0.7, force_sink=False, scoring="mean")),
+    ]
+    for b, hq, hkv, lk, lq, d, cfg in configs:
+        cfg = cfg.replace(backend="torch")
+        q, k = torch.randn(b, hq, lq, d) * 2, torch.randn(b, hkv, lk, d)
+        layout = BlockLayout(lq, lk, lk - lq, cfg.block_size, cfg.segment_size)
+        order, k_perm = permute_stage(q, k, cfg, d**-0.5, lk - lq)
+        scores = score_stage(q, k, k_perm, order, layout, cfg, d**-0.5)
+        selected, _, indices = select_stage(scores, order, layout, cfg)
+        fused_selected, fused_indices = select_and_index_fused(scores, order, layout, cfg)
+        assert torch.equal(fused_selected, selected), cfg
+        counts_ok = torch.equal(fused_indices[0], indices[0]) and torch.equal(fused_indices[2], indices[2])
+        assert counts_ok, cfg
+        for which in (1, 3):  # the first `count` indices of every row agree
+            keep = torch.arange(layout.num_kv_blocks) < indices[which - 1][..., None]
+            assert torch.equal(fused_indices[which][keep], indices[which][keep]), cfg
+    # The whole plan with every stage fused equals the plain-torch plan.
     q, k = torch.randn(1, 4, 1024, 32), torch.randn(1, 2, 1024, 32)
-    fused = build_plan(q, k, PBSConfig(threshold=0.8, scoring_backend="triton"))
-    plain = build_plan(q, k, PBSConfig(threshold=0.8, scoring_backend="torch"))
+    fused = build_plan(q, k, PBSConfig(threshold=0.8, backend="triton"))
+    plain = build_plan(q, k, PBSConfig(threshold=0.8, backend="torch"))
+    assert torch.equal(fused.key_order, plain.key_order)
     assert torch.allclose(fused.block_scores, plain.block_scores, atol=1e-4)
     assert (fused.block_mask != plain.block_mask).float().mean() < 0.01
     print("ok")
@@ -52,7 +88,7 @@ CHECK = textwrap.dedent(
 )
 
 
-def test_fused_antidiagonal_matches_plain_torch():
+def test_fused_kernels_match_plain_torch():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

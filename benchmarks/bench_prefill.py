@@ -1,0 +1,117 @@
+"""End-to-end prefill (time to first token): a Llama-3.1-8B-shaped model, `sdpa` vs `flex_pbs`.
+
+Random weights give near-uniform attention, where a threshold keeps almost every block; the
+sparse runs therefore cap density with ``PBSConfig.max_density`` (a per-row block budget) and
+every speedup is printed next to the density measured on that run. Weights are bf16 and live
+on the GPU; only the last position's logits are computed (as in generation).
+
+    python benchmarks/bench_prefill.py --lengths 32768 65536 131072 --layers 2
+
+Writes ``--out`` (JSON) and prints a table. Needs CUDA; no Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flex_pbs  # noqa: E402
+from flex_pbs import PBSConfig  # noqa: E402
+from flex_pbs.models import llama_8b_config  # noqa: E402
+
+
+def build_model(layers: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(llama_8b_config(layers), dtype=torch.bfloat16)
+    return model.eval()
+
+
+def prefill_ms(model, ids: torch.Tensor, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.no_grad():
+            model(ids, logits_to_keep=1, use_cache=False)
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return times
+
+
+def check_exact(model, length: int = 4096) -> float:
+    """flex_pbs at threshold 1.0 reproduces sdpa's last-token logits (bf16 tolerance)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+    flex_pbs.register(PBSConfig(threshold=1.0), overwrite=True)
+    outs = {}
+    for impl in ("sdpa", "flex_pbs"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            outs[impl] = model(ids, logits_to_keep=1, use_cache=False).logits.float()
+    return float((outs["flex_pbs"] - outs["sdpa"]).norm() / outs["sdpa"].norm())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--max-densities", type=float, nargs="+", default=[0.1, 0.15])
+    parser.add_argument("--variants", nargs="+", default=["8:bf16", "16:fp8"],
+                        help="scoring variants stride:precision (precision bf16 or fp8)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench_prefill.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_prefill.py needs a CUDA device")
+    import transformers
+    import triton
+
+    model = build_model(args.layers)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+              "threshold_one_rel_error": check_exact(model), "rows": []}
+    print(f"threshold 1.0 vs sdpa, last-token logits rel. error: {report['threshold_one_rel_error']:.2e}", flush=True)
+    for length in args.lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+        model.set_attn_implementation("sdpa")
+        prefill_ms(model, ids, 1)
+        sdpa = statistics.median(prefill_ms(model, ids, args.repeats))
+        report["rows"].append({"L": length, "method": "sdpa", "ms": sdpa, "speedup": 1.0, "density": 1.0})
+        for cap, variant in [(c, v) for c in args.max_densities for v in args.variants]:
+            stride, precision = variant.split(":")
+            cfg = PBSConfig(threshold=args.threshold, max_density=cap, stride=int(stride), scoring_fp8=precision == "fp8")
+            flex_pbs.register(cfg, collect_stats=True, overwrite=True)
+            model.set_attn_implementation("flex_pbs")
+            start = time.perf_counter()
+            prefill_ms(model, ids, 1)
+            compile_s = time.perf_counter() - start
+            ms = statistics.median(prefill_ms(model, ids, args.repeats))
+            stats = flex_pbs.stats(model)
+            density = sum(float(s.density.mean()) for s in stats.values()) / len(stats)
+            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={stride} {precision}",
+                   "ms": ms, "speedup": sdpa / ms, "density": density, "first_call_s": compile_s}
+            report["rows"].append(row)
+            print(row, flush=True)
+        del ids
+        torch.cuda.empty_cache()
+    print("| L | method | ms | speedup vs sdpa | density |")
+    print("|---|---|---|---|---|")
+    for row in report["rows"]:
+        print(f"| {row['L']} | {row['method']} | {row['ms']:.1f} | {row['speedup']:.2f} | {row['density']:.3f} |")
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
