@@ -220,3 +220,12 @@ def test_configs_ship_in_the_wheel(tmp_path):
     expected = {f"flex_pbs/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
     assert expected and expected <= names
     assert {"flex_pbs/run.py", "flex_pbs/runner/sweep.py", "flex_pbs/configs/__init__.py"} <= names
+
+
+
+def test_untimed_perplexity_runs_one_pass_per_method(tmp_path):
+    """task.timed=false (for quality sweeps): no wall time, stats still collected."""
+    payload = run([*TINY_PERPLEXITY, "task.timed=false", "method.threshold=0.5"], tmp_path)
+    rows = rows_by_method(payload)
+    assert rows["dense"]["wall_s"] is None and rows["pbs"]["wall_s"] is None
+    assert 0 < rows["pbs"]["density"] < 1 and rows["pbs"]["recall"] is not None

@@ -86,6 +86,7 @@ class PerplexityTask:
     recall: bool = MISSING
     passkey_trials: int = MISSING
     passkey_new_tokens: int = MISSING
+    timed: bool = MISSING
 
 
 @dataclass

@@ -91,15 +91,22 @@ def perplexity_of(method: Method, spec: RunSpec, session: Session, ids: torch.Te
     """One method's perplexity row and its details (per-layer stats, passkey trials)."""
     task = spec.task
     sparse = method.engine is not None
-    # A first pass warms up and, for sparse methods, compiles FlexAttention and collects the
-    # stats (and recall), so that the timed pass below carries none of that.
-    with attention(session, method.engine, spec.dense_layers, collect_stats=sparse, recall=sparse and task.recall):
-        first_pass_s = timed_forward(session, ids, logits_to_keep=1)[1]
-        summary = stats_summary(flex_pbs.stats(session.model)) if sparse else None
-    with attention(session, method.engine, spec.dense_layers):
-        output, wall_s = timed_forward(session, ids)
+    stats = {"collect_stats": sparse, "recall": sparse and task.recall}
+    first_pass_s = wall_s = None
+    if task.timed:
+        # A first pass warms up and, for sparse methods, compiles FlexAttention and collects the
+        # stats (and recall), so that the timed pass below carries none of that.
+        with attention(session, method.engine, spec.dense_layers, **stats):
+            first_pass_s = timed_forward(session, ids, logits_to_keep=1)[1]
+            summary = stats_summary(flex_pbs.stats(session.model)) if sparse else None
+        stats = {}
+    with attention(session, method.engine, spec.dense_layers, **stats):
+        output, wall = timed_forward(session, ids)
+        wall_s = wall if task.timed else None
         losses = token_losses(output.logits, ids)
         del output
+        if not task.timed:
+            summary = stats_summary(flex_pbs.stats(session.model)) if sparse else None
         trials = spread_passkey_trials(session, spec.seq_len, task.passkey_trials, task.passkey_new_tokens, spec.seed)
     correct = sum(t["correct"] for t in trials)
     row = {
@@ -119,13 +126,24 @@ def perplexity_of(method: Method, spec: RunSpec, session: Session, ids: torch.Te
     return row, {"stats": summary, "passkey": trials}
 
 
+_DENSE_ROWS: dict[tuple, tuple[dict, dict]] = {}
+
+
 def perplexity_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callable[[Path], None]]:
     """Perplexity, tail perplexity, passkey accuracy, density, recall and wall time per method."""
     ids = evaluation_ids(spec, session)
     tail = min(spec.task.tail_tokens, spec.seq_len - 1)
     rows, details = [], {}
     for method in tqdm(compared_methods(spec), desc="methods", unit="method"):
-        row, details[method.name] = perplexity_of(method, spec, session, ids, tail)
+        if method.engine is None:  # dense is the same in every job of a sweep: measure it once
+            key = (id(session), spec.text, spec.seq_len, tail, spec.seed, repr(spec.task))
+            if key not in _DENSE_ROWS:
+                _DENSE_ROWS.clear()
+                _DENSE_ROWS[key] = perplexity_of(method, spec, session, ids, tail)
+            row, details[method.name] = _DENSE_ROWS[key]
+            row = dict(row)
+        else:
+            row, details[method.name] = perplexity_of(method, spec, session, ids, tail)
         rows.append(row)
     for row in rows:
         row["delta_pct"] = relative_change_pct(row["perplexity"], rows[0]["perplexity"])
@@ -146,7 +164,9 @@ def perplexity_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callab
     notes = random_weights_notes(session, spec) + [
         "wall: the forward pass that gave the losses, after a first pass over the same tokens "
         "that warms up and, for sparse methods, compiles FlexAttention and collects density and "
-        "recall (first_pass_s in results.json). For prefill speed use task=latency.",
+        "recall (first_pass_s in results.json). For prefill speed use task=latency."
+        if spec.task.timed
+        else "task.timed=false: one pass per method (losses and stats together), no wall time.",
     ]
     if tail < spec.task.tail_tokens:
         notes.append(f"task.tail_tokens={spec.task.tail_tokens} exceeds the {spec.seq_len - 1} predictions; used {tail}")
