@@ -110,12 +110,12 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
             key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
             v_perm = permute_keys(v, key_order)
-            scores = score_stage(q, k, k_perm, key_order, layout, cfg, scale)
+            scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
             selected, causal, indices = select_stage(scores, key_order, layout, cfg)
             mask = build_stage(indices, key_order, layout)
             stages = {
                 "permute": bench_ms(lambda: (permute_stage(q, k, cfg, scale, 0), permute_keys(v, key_order))),
-                "score": bench_ms(lambda: score_stage(q, k, k_perm, key_order, layout, cfg, scale)),
+                "score": bench_ms(lambda: score_stage(q, k_perm, key_order, layout, cfg, scale)),
                 "select": bench_ms(lambda: select_stage(scores, key_order, layout, cfg)),
                 "build": bench_ms(lambda: build_stage(indices, key_order, layout)),
                 "attend": bench_ms(lambda: flex_attend(q, k_perm, v_perm, mask, scale)),

@@ -14,19 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from .adaptive import adaptive_key_order
 from .config import PBSConfig
 from .flex import bucket_length, flex_attend
 from .flex_mask import MaskIndices, build_flex_mask, selection_indices
 from .layout import BlockLayout
-from .permutation import (
-    identity_key_order,
-    key_importance,
-    mixed_importance,
-    next_block_importance,
-    permute_keys,
-    segment_key_order,
-)
+from .permutation import identity_key_order, key_importance, permute_keys, segment_key_order
 from .scoring import estimate_block_scores
 from .selection import forced_blocks, select_blocks
 
@@ -160,20 +152,12 @@ def permute_stage(
     else:
         importance_of = key_importance
     importance = importance_of(q, k, config.block_size, scale, q_offset)
-    if config.importance != "last":
-        nxt = next_block_importance(q, k, config.block_size, config.segment_size, scale, q_offset)
-        weight = 0.0 if config.importance == "next" else 0.5
-        importance = mixed_importance(importance, nxt, config.segment_size, weight)
     key_order = segment_key_order(importance, config.segment_size)
-    if config.permute == "adaptive":
-        layout = BlockLayout(q.shape[2], k.shape[2], q_offset, config.block_size, config.segment_size)
-        key_order = adaptive_key_order(q, k, key_order, layout, config, scale)
     return key_order, permute_keys(k, key_order)
 
 
 def score_stage(
     q: torch.Tensor,
-    k: torch.Tensor,
     k_perm: torch.Tensor,
     key_order: torch.Tensor,
     layout: BlockLayout,
@@ -181,14 +165,13 @@ def score_stage(
     scale: float,
 ) -> torch.Tensor:
     """Stage 2: float32 block scores ``[B, Hq, nQ, nK]``."""
-    if config.scoring == "antidiagonal" and not config.diagonal_original and _fused(q, config):
+    if config.scoring == "antidiagonal" and _fused(q, config):
         from .kernels.antidiagonal import antidiagonal_block_scores_fused
 
         return antidiagonal_block_scores_fused(
             q, k_perm, key_order, layout, config.stride, scale, fp8=config.scoring_fp8
         )
-    k_original = k if config.diagonal_original and config.permute != "none" else None
-    return estimate_block_scores(q, k_perm, key_order, layout, config, scale, k_original=k_original)
+    return estimate_block_scores(q, k_perm, key_order, layout, config, scale)
 
 
 def select_stage(
@@ -232,7 +215,7 @@ def _plan_with_keys(
     if config.is_dense_for(k.shape[2]):
         return _dense_plan(q, k, layout), k
     key_order, k_perm = permute_stage(q, k, config, scale, q_offset)
-    scores = score_stage(q, k, k_perm, key_order, layout, config, scale)
+    scores = score_stage(q, k_perm, key_order, layout, config, scale)
     selected, causal, indices = select_stage(scores, key_order, layout, config)
     flex_mask = build_stage(indices, key_order, layout)
     return PBSPlan(selected, key_order, causal, scores, flex_mask, layout), k_perm

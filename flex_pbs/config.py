@@ -6,10 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-SCORINGS = ("antidiagonal", "mean", "sampled", "oracle")
-PERMUTES = ("key", "none", "adaptive")
+SCORINGS = ("antidiagonal", "mean", "oracle")
+PERMUTES = ("key", "none")
 BACKENDS = ("auto", "torch", "triton")
-IMPORTANCES = ("last", "next", "mixed")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
@@ -70,12 +69,7 @@ class PBSConfig:
     scoring_chunk: int = 16
     backend: str = "auto"
     scoring_fp8: bool = False
-    importance: str = "last"
     force_local_blocks: int = 0
-    diagonal_original: bool = False
-    adaptive_samples: int = 8
-    adaptive_tolerance: float = 0.0
-    adaptive_margin: float = 0.0
 
     def __post_init__(self) -> None:
         _require_int("block_size", self.block_size, 16)
@@ -98,19 +92,12 @@ class PBSConfig:
             raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.permute not in PERMUTES:
             raise ValueError(f"PBSConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
-        for flag in ("force_sink", "scoring_fp8", "diagonal_original"):
+        for flag in ("force_sink", "scoring_fp8"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"PBSConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         _require_int("dense_below", self.dense_below, 0)
         _require_int("scoring_chunk", self.scoring_chunk, 1)
-        if self.importance not in IMPORTANCES:
-            raise ValueError(f"PBSConfig.importance must be one of {IMPORTANCES}, got {self.importance!r}")
         _require_int("force_local_blocks", self.force_local_blocks, 0)
-        _require_int("adaptive_samples", self.adaptive_samples, 1)
-        if isinstance(self.adaptive_tolerance, bool) or not isinstance(self.adaptive_tolerance, (int, float)):
-            raise TypeError(f"PBSConfig.adaptive_tolerance must be a float, got {self.adaptive_tolerance!r}")
-        if not 0.0 <= self.adaptive_tolerance <= 1.0:
-            raise ValueError(f"PBSConfig.adaptive_tolerance must be in [0, 1], got {self.adaptive_tolerance}")
         if self.backend not in BACKENDS:
             raise ValueError(f"PBSConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
 

@@ -42,55 +42,6 @@ def key_importance(
     )
 
 
-def next_block_importance(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, segment_size: int, scale: float, q_offset: int = 0
-) -> torch.Tensor:
-    """Per complete segment, the attention of the query block that starts right after it.
-
-    Those queries are the segment's most demanding readers: they need its heavy keys *and*
-    its most recent tokens (their local context). The softmax runs over the segment's keys
-    only (an O(L) cost), and the result is averaged over the block's queries and the GQA group.
-
-    Returns:
-        float32 ``[B, Hkv, Lk]``: a distribution over each complete segment's keys, or NaN for
-        segments with no query block after them in ``q`` (and for the tail).
-    """
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    n_full = kv_len // segment_size
-    out = torch.full((batch, kv_heads, kv_len), float("nan"), device=q.device)
-    # Segment s is read by queries at (s + 1) * segment_size .. + block_size (local indices).
-    first = torch.arange(n_full, device=q.device) * segment_size + segment_size - q_offset
-    has_readers = (first >= 0) & (first + block_size <= q_len)
-    segments = has_readers.nonzero().flatten()
-    if segments.numel() == 0:
-        return out
-    rows = first[segments][:, None] + torch.arange(block_size, device=q.device)
-    readers = q[:, :, rows].reshape(batch, kv_heads, group, segments.numel(), block_size, dim)
-    keys = k[:, :, : n_full * segment_size].reshape(batch, kv_heads, n_full, segment_size, dim)[:, :, segments]
-    logits = torch.einsum("bhgsqd,bhskd->bhgsqk", readers, keys).float() * scale
-    probs = torch.softmax(logits, dim=-1).mean(dim=(2, 4))  # [B, Hkv, S, segment]
-    out.view(batch, kv_heads, -1)[..., : n_full * segment_size].view(batch, kv_heads, n_full, segment_size)[
-        :, :, segments
-    ] = probs
-    return out
-
-
-def mixed_importance(last: torch.Tensor, nxt: torch.Tensor, segment_size: int, weight_last: float) -> torch.Tensor:
-    """Blend per-segment distributions: ``w * last + (1 - w) * next`` where both exist.
-
-    ``last`` is renormalised inside each complete segment so that both sources weigh the same.
-    """
-    batch, heads, kv_len = last.shape
-    n_full = kv_len // segment_size
-    full = last[..., : n_full * segment_size].reshape(batch, heads, n_full, segment_size)
-    last_dist = full / full.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    nxt_full = nxt[..., : n_full * segment_size].reshape(batch, heads, n_full, segment_size)
-    blended = torch.where(nxt_full.isnan(), last_dist, weight_last * last_dist + (1 - weight_last) * nxt_full)
-    return torch.cat([blended.reshape(batch, heads, -1), last[..., n_full * segment_size :]], dim=-1)
-
-
 def segment_key_order(importance: torch.Tensor, segment_size: int) -> torch.Tensor:
     """Sort keys by descending importance inside every complete segment.
 

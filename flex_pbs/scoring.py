@@ -58,8 +58,6 @@ def antidiagonal_block_scores(
     stride: int,
     scale: float,
     chunk_blocks: int = 16,
-    k_original: torch.Tensor | None = None,
-    query_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """XAttention's estimate: softmax over strided antidiagonal sums, summed into blocks.
 
@@ -76,11 +74,6 @@ def antidiagonal_block_scores(
         key_order: long ``[B, Hkv, Lk]``, original position of each key slot.
         chunk_blocks: query blocks scored at once (memory: ``chunk * block/S * Lk/S`` floats
             per head).
-        k_original: the unpermuted keys. When given, each row's own (diagonal) segment is
-            scored in the original order with the exact stride-level causal mask: its blocks
-            are always computed, and only its total mass matters (it counts toward the
-            threshold); in the permuted order a slot mixes past and future keys.
-        query_blocks: optional long ``[n]``: score only these query blocks (output ``[B, Hq, n, nK]``).
     """
     batch, q_heads, q_len, dim = q.shape
     kv_heads = k_perm.shape[1]
@@ -99,89 +92,20 @@ def antidiagonal_block_scores(
     row_start = torch.arange(n_q * rows_per_block, device=q.device) * stride
     row_last = torch.clamp(row_start + stride - 1, max=q_len - 1) + layout.q_offset
     row_valid = row_start < q_len
-    if k_original is not None:
-        k_slots_original = _pad_to(k_original, n_k * bs).reshape(batch, kv_heads, n_k * rows_per_block, stride * dim)
-        k_slots_original = k_slots_original.transpose(-1, -2)
-        slot_first_original = torch.arange(n_k * rows_per_block, device=q.device) * stride
-        diagonal = layout.diagonal_blocks(q.device).repeat_interleave(rows_per_block, 0)
-        diagonal = diagonal.repeat_interleave(rows_per_block, 1)  # [rows, slots]
 
-    if query_blocks is None:
-        query_blocks = torch.arange(n_q, device=q.device)
     scores = []
-    for blocks in query_blocks.to(q.device).split(chunk_blocks):
+    for blocks in torch.arange(n_q, device=q.device).split(chunk_blocks):
         rows = (blocks[:, None] * rows_per_block + torch.arange(rows_per_block, device=q.device)).flatten()
         n_rows = rows.numel()
         chunk_q = q_rows[:, :, :, rows].flatten(2, 3)
         logits = torch.matmul(chunk_q, k_slots)
         logits = logits.float().view(batch, kv_heads, group, n_rows, -1) * (scale / stride)
         visible = slot_first <= row_last[rows][:, None]
-        if k_original is not None:
-            original = torch.matmul(chunk_q, k_slots_original).float().view_as(logits) * (scale / stride)
-            in_diagonal = diagonal[rows]
-            logits = torch.where(in_diagonal, original, logits)
-            visible = torch.where(in_diagonal, slot_first_original <= row_last[rows][:, None], visible)
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         probs = probs * row_valid[rows][:, None]
         tiles = probs.view(batch, kv_heads, group, n_rows // rows_per_block, rows_per_block, n_k, rows_per_block)
         scores.append(tiles.sum(dim=(-3, -1)))
-    return torch.cat(scores, dim=3).reshape(batch, q_heads, query_blocks.numel(), n_k)
-
-
-def sampled_block_scores(
-    q: torch.Tensor,
-    k_perm: torch.Tensor,
-    key_order: torch.Tensor,
-    layout: BlockLayout,
-    stride: int,
-    scale: float,
-    chunk_blocks: int = 16,
-) -> torch.Tensor:
-    """Calibrated antidiagonal estimate: per-query softmax over a strided sample of keys.
-
-    Query ``i`` is scored against the keys in slots ``j*S + (S-1 - i % S)``: the entries on
-    the antidiagonals of the S×S tiles, the same S² / S samples per tile as XAttention's
-    estimate. Unlike XAttention (softmax of the *sum* of an antidiagonal's logits, which
-    rewards tiles whose keys are all alike and so favours sorted key layouts), each sampled
-    logit gets its own exponent and each query its own normaliser, so a block's score
-    estimates its true share of attention in any key order. Causality is exact per sampled
-    key (original positions). Block scores sum the probabilities of the block's queries, so a
-    full row sums to the number of valid queries in the query block.
-
-    Args:
-        q: ``[B, Hq, Lq, D]``; k_perm: ``[B, Hkv, Lk, D]`` permuted; key_order: long ``[B, Hkv, Lk]``.
-
-    Returns:
-        float32 ``[B, Hq, nQ, nK]``.
-    """
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads = k_perm.shape[1]
-    group = q_heads // kv_heads
-    bs, n_q, n_k = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
-    rows_per_block = bs // stride
-    # Phase p: queries r*S + p read keys j*S + (S-1-p). [B, Hkv, G, R, S, D] and [B, Hkv, K, S, D].
-    q_phases = _pad_to(q, n_q * bs).reshape(batch, kv_heads, group, n_q * rows_per_block, stride, dim)
-    k_phases = _pad_to(k_perm, n_k * bs).reshape(batch, kv_heads, n_k * rows_per_block, stride, dim)
-    key_pos = F.pad(key_order, (0, n_k * bs - layout.kv_len), value=PAST_ANY_QUERY)
-    key_pos = key_pos.view(batch, kv_heads, n_k * rows_per_block, stride)
-    query_pos = torch.arange(n_q * bs, device=q.device).view(-1, stride) + layout.q_offset  # [R, S]
-    query_valid = (torch.arange(n_q * bs, device=q.device) < q_len).view(-1, stride)
-
-    scores = torch.zeros(batch, kv_heads, group, n_q, n_k, device=q.device)
-    for first_block in range(0, n_q, chunk_blocks):
-        rows = slice(first_block * rows_per_block, min(first_block + chunk_blocks, n_q) * rows_per_block)
-        n_rows = rows.stop - rows.start
-        for phase in range(stride):
-            key_phase = stride - 1 - phase
-            chunk_q = q_phases[:, :, :, rows, phase].flatten(2, 3)  # [B, Hkv, G*rows, D]
-            logits = torch.matmul(chunk_q, k_phases[:, :, :, key_phase].transpose(-1, -2))
-            logits = logits.float().view(batch, kv_heads, group, n_rows, -1) * scale
-            visible = key_pos[:, :, None, None, :, key_phase] <= query_pos[rows, phase][:, None]
-            probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-            probs = probs * query_valid[rows, phase][:, None]
-            tiles = probs.view(batch, kv_heads, group, n_rows // rows_per_block, rows_per_block, n_k, rows_per_block)
-            scores[:, :, :, first_block : first_block + n_rows // rows_per_block] += tiles.sum(dim=(-3, -1))
-    return scores.reshape(batch, q_heads, n_q, n_k)
+    return torch.cat(scores, dim=3).reshape(batch, q_heads, n_q, n_k)
 
 
 def oracle_block_scores(
@@ -214,20 +138,10 @@ def estimate_block_scores(
     layout: BlockLayout,
     config: PBSConfig,
     scale: float,
-    query_blocks: torch.Tensor | None = None,
-    k_original: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The configured scorer in plain torch: float32 ``[B, Hq, n, nK]`` for all query blocks
-    (``n = nQ``) or only ``query_blocks``."""
+    """The configured scorer in plain torch: float32 ``[B, Hq, nQ, nK]``."""
     if config.scoring == "antidiagonal":
-        return antidiagonal_block_scores(
-            q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk,
-            k_original=k_original, query_blocks=query_blocks,
-        )
+        return antidiagonal_block_scores(q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk)
     if config.scoring == "mean":
-        scores = mean_pool_block_scores(q, k_perm, layout, scale)
-    elif config.scoring == "oracle":
-        scores = oracle_block_scores(q, k_perm, key_order, layout, scale)
-    else:
-        scores = sampled_block_scores(q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk)
-    return scores if query_blocks is None else scores[:, :, query_blocks]
+        return mean_pool_block_scores(q, k_perm, layout, scale)
+    return oracle_block_scores(q, k_perm, key_order, layout, scale)

@@ -80,19 +80,16 @@ def sink_blocks(key_order: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return (blocks == (sink_slot // layout.block_size)[..., None])[:, :, None, :]
 
 
-def forced_blocks(
-    key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig, query_blocks: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Blocks computed whatever their score: bool, broadcastable to ``[B, Hkv, n, nK]``.
+def forced_blocks(key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig) -> torch.Tensor:
+    """Blocks computed whatever their score: bool, broadcastable to ``[B, Hkv, nQ, nK]``.
 
     The diagonal segment, the sink block (``force_sink``) and the ``force_local_blocks``
-    blocks before the diagonal segment, for all query blocks or only ``query_blocks``.
+    blocks before the diagonal segment.
     """
     device = key_order.device
-    rows = slice(None) if query_blocks is None else query_blocks
-    forced = layout.diagonal_blocks(device)[rows]
+    forced = layout.diagonal_blocks(device)
     if config.force_local_blocks:
-        forced = forced | layout.preceding_blocks(config.force_local_blocks, device)[rows]
+        forced = forced | layout.preceding_blocks(config.force_local_blocks, device)
     if config.force_sink:
         forced = forced | sink_blocks(key_order, layout)
     return forced

@@ -44,3 +44,14 @@ def test_mean_scores_cover_only_earlier_segments():
     assert scores[0, 0, :2].sum() == 0  # first segment: no earlier segment
     assert torch.allclose(scores[0, 0, 2:].sum(-1), torch.ones(6))
     assert scores[0, 0, 2, 2:].sum() == 0 and scores[0, 0, 7, 6:].sum() == 0
+
+
+def test_oracle_scores_are_exact_block_masses():
+    from flex_pbs.metrics import attention_recall
+
+    q, k = torch.randn(1, 4, 1000, 16) * 2, torch.randn(1, 2, 1000, 16)
+    plan = build_plan(q, k, PBSConfig(scoring="oracle", threshold=0.8))
+    valid_rows = torch.tensor([128.0] * 7 + [1000 - 7 * 128])
+    assert torch.allclose(plan.block_scores.sum(-1), valid_rows.expand(1, 4, 8), atol=1e-3)
+    # Selecting by true masses keeps at least the threshold's share of every query block.
+    assert attention_recall(q, k, plan).min() >= 0.8 - 1e-4

@@ -48,3 +48,26 @@ def test_row_chunking_is_exact(monkeypatch):
     whole = select_blocks(scores, candidates, forced, 0.7)
     monkeypatch.setattr(selection, "_SELECT_CHUNK_ELEMENTS", 64 * 2 * 7)
     assert torch.equal(select_blocks(scores, candidates, forced, 0.7), whole)
+
+
+def test_forced_local_blocks_precede_the_diagonal_segment():
+    from flex_pbs.layout import BlockLayout
+
+    layout = BlockLayout(1024, 1024, 0, 128, 256)
+    local = layout.preceding_blocks(2, torch.device("cpu"))
+    # Query blocks 4 and 5 (segment 2, key blocks 4-5) get key blocks 2 and 3.
+    assert local[4].nonzero().flatten().tolist() == [2, 3] and local[5].nonzero().flatten().tolist() == [2, 3]
+    assert not local[:2].any()  # the first segment has nothing before it
+    assert local[2].nonzero().flatten().tolist() == [0, 1]
+
+
+def test_forced_local_blocks_are_always_computed():
+    from flex_pbs import PBSConfig, build_plan
+
+    q, k = torch.randn(1, 2, 2048, 32), torch.randn(1, 2, 2048, 32)
+    plan = build_plan(q, k, PBSConfig(threshold=0.3, force_local_blocks=3, permute="none"))
+    blocks = plan.block_mask[0, 0]
+    for row in range(4, 16):
+        first_diagonal = row // 2 * 2
+        assert blocks[row, first_diagonal - 3 : first_diagonal].all()
+    assert plan.density < 1
