@@ -229,3 +229,16 @@ def test_untimed_perplexity_runs_one_pass_per_method(tmp_path):
     rows = rows_by_method(payload)
     assert rows["dense"]["wall_s"] is None and rows["pbs"]["wall_s"] is None
     assert 0 < rows["pbs"]["density"] < 1 and rows["pbs"]["recall"] is not None
+
+
+def test_sweep_lines_split_on_engine_fields_other_than_the_threshold():
+    from flex_pbs.runner.sweep import curves
+
+    def row(method, threshold, local, density):
+        engine = {**dataclasses.asdict(PBSConfig()), "threshold": threshold, "force_local_blocks": local}
+        return {"method": method, "engine": engine, "seq_len": 8192, "model": "smollm2", "density": density}
+
+    rows = [row("xattention", t, local, 0.1 * t + local / 100) for t in (0.8, 0.9) for local in (0, 4)]
+    lines = curves(rows + [row("pbs", 0.9, 0, 0.2)])
+    assert set(lines) == {"xattention, force_local_blocks=0", "xattention, force_local_blocks=4", "pbs"}
+    assert [p["point_label"] for p in lines["xattention, force_local_blocks=4"]] == ["threshold=0.8", "threshold=0.9"]

@@ -74,13 +74,20 @@ def varying_engine_fields(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Method rows grouped into lines (by method, and by length or model when several are
-    present), sorted by density; each point gets a label of the engine fields that vary."""
+    """Method rows grouped into lines (by method, by any engine field other than the threshold
+    that varies within a method, and by length or model when several are present), sorted by
+    density; each point gets a label of the engine fields that vary along its line."""
     several = {key: len({r[key] for r in rows}) > 1 for key in ("seq_len", "model")}
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        label = row["method"] + (f", {row['seq_len']} tok" if several["seq_len"] else "")
-        grouped[label + (f", {row['model']}" if several["model"] else "")].append(row)
+        by_method[row["method"]].append(row)
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for method, method_rows in by_method.items():
+        variants = [f for f in varying_engine_fields(method_rows) if f != "threshold"]
+        for row in method_rows:
+            label = ", ".join([method, *(f"{f}={row['engine'][f]}" for f in variants)])
+            label += f", {row['seq_len']} tok" if several["seq_len"] else ""
+            grouped[label + (f", {row['model']}" if several["model"] else "")].append(row)
     for points in grouped.values():
         fields = varying_engine_fields(points)
         for p in points:
