@@ -69,7 +69,9 @@ def sweep_rows(runs: list[dict[str, Any]], root: Path) -> tuple[list[dict[str, A
 def varying_engine_fields(rows: list[dict[str, Any]]) -> list[str]:
     """Engine fields whose value differs between rows (``threshold`` if none does)."""
     engines = [r["engine"] for r in rows]
-    varying = [key for key in engines[0] if len({repr(e[key]) for e in engines}) > 1]
+    # Runs made by other versions may have other fields: compare the fields they all have.
+    shared = [key for key in engines[0] if all(key in e for e in engines)]
+    varying = [key for key in shared if len({repr(e[key]) for e in engines}) > 1]
     return varying or ["threshold"]
 
 
@@ -85,13 +87,14 @@ def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for method, method_rows in by_method.items():
         variants = [f for f in varying_engine_fields(method_rows) if f != "threshold"]
         for row in method_rows:
-            label = ", ".join([method, *(f"{f}={row['engine'][f]}" for f in variants)])
+            label = ", ".join([method, *(f"{f}={row['engine'].get(f)}" for f in variants)])
             label += f", {row['seq_len']} tok" if several["seq_len"] else ""
             grouped[label + (f", {row['model']}" if several["model"] else "")].append(row)
-    for points in grouped.values():
+    for line, points in grouped.items():
         fields = varying_engine_fields(points)
         for p in points:
-            p["point_label"] = ", ".join(f"{key}={p['engine'][key]}" for key in fields)
+            p["line"] = line
+            p["point_label"] = ", ".join(f"{key}={p['engine'].get(key)}" for key in fields)
         points.sort(key=lambda p: p["density"])
     return dict(grouped)
 
@@ -103,7 +106,7 @@ def tail_header(rows: list[dict[str, Any]]) -> str:
 
 def sweep_columns(tail: str) -> list[Column]:
     return [
-        Column("method", "method"),
+        Column("line", "method"),
         Column("point_label", "setting"),
         Column("seq_len", "context"),
         Column("perplexity", "perplexity", "{:.3f}"),
@@ -130,7 +133,7 @@ def summarize(root: Path, out_dir: Path | None = None) -> str:
         )
     dense, methods = sweep_rows(runs, root)
     lines = curves(methods)
-    rows = dense + [p for points in lines.values() for p in points]
+    rows = [{**d, "line": "dense"} for d in dense] + [p for points in lines.values() for p in points]
     tail = tail_header(rows)
     table = format_table(rows, sweep_columns(tail))
     out_dir.mkdir(parents=True, exist_ok=True)
