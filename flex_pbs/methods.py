@@ -1,15 +1,20 @@
 """Named methods: every baseline is a configuration of the one PBS engine.
 
-``dense`` is exact attention (no engine); the others differ only in scoring and permutation:
+``dense`` is exact attention (no engine); the others differ in scoring, permutation and the
+forced local window:
 
-=============  ==============  ===========  =====================================
-name           scoring         permute      what it is
-=============  ==============  ===========  =====================================
-``pbs``        antidiagonal    key          flex_pbs's default
-``pbs_mean``   mean            key          the PBS-Attn paper
-``xattention`` antidiagonal    none         XAttention (block-sparse, no permutation)
-``meanpool``   mean            none         mean-pooled block-sparse, no permutation
-=============  ==============  ===========  =====================================
+==============  ============  =======  ======  ==============================================
+name            scoring       permute  local   what it is
+==============  ============  =======  ======  ==============================================
+``pbs``         antidiagonal  none     4       flex_pbs's default (``PBSConfig()``), measured best
+``pbs_antidiagonal``  antidiagonal  key  0     PBS with XAttention's scoring (the permuted ``xattention``)
+``pbs_mean``    mean          key      0       the PBS-Attn paper
+``xattention``  antidiagonal  none     0       XAttention (block-sparse, no permutation)
+``meanpool``    mean          none     0       mean-pooled block-sparse, no permutation
+==============  ============  =======  ======  ==============================================
+
+``local`` is ``force_local_blocks``. ``xattention`` and ``pbs_antidiagonal`` differ only in
+the permutation; so do ``meanpool`` and ``pbs_mean``.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from .config import PBSConfig
 METHODS: dict[str, PBSConfig | None] = {
     "dense": None,
     "pbs": PBSConfig(),
-    "pbs_mean": PBSConfig(scoring="mean"),
-    "xattention": PBSConfig(permute="none"),
-    "meanpool": PBSConfig(scoring="mean", permute="none"),
+    "pbs_antidiagonal": PBSConfig(permute="key", force_local_blocks=0),
+    "pbs_mean": PBSConfig(scoring="mean", permute="key", force_local_blocks=0),
+    "xattention": PBSConfig(permute="none", force_local_blocks=0),
+    "meanpool": PBSConfig(scoring="mean", permute="none", force_local_blocks=0),
 }
 
 

@@ -153,7 +153,7 @@ def sweep_layer(
 def layer_table(
     qkv_by_layer: Mapping[int, Sequence[torch.Tensor]],
     threshold: float,
-    methods: Sequence[str] = ("xattention", "pbs"),
+    methods: Sequence[str] = ("xattention", "pbs_antidiagonal"),
     **overrides,
 ) -> list[dict]:
     """Per-layer density and recall of several methods (default: without vs with permutation).

@@ -5,7 +5,8 @@ from flex_pbs import PBSConfig
 
 def test_defaults_are_valid():
     cfg = PBSConfig()
-    assert (cfg.block_size, cfg.segment_size, cfg.scoring, cfg.permute) == (128, 256, "antidiagonal", "key")
+    assert (cfg.block_size, cfg.segment_size, cfg.scoring, cfg.permute) == (128, 256, "antidiagonal", "none")
+    assert (cfg.threshold, cfg.stride, cfg.force_local_blocks, cfg.force_sink) == (0.9, 8, 4, True)
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,13 @@ from flex_pbs.methods import METHODS, method_config
 def test_methods_are_configurations_of_one_engine():
     assert method_config("dense") is None
     assert method_config("pbs") == PBSConfig()
-    assert method_config("xattention").permute == "none"
-    assert method_config("pbs_mean").scoring == "mean"
-    assert method_config("meanpool", threshold=0.8) == PBSConfig(scoring="mean", permute="none", threshold=0.8)
-    assert set(METHODS) == {"dense", "pbs", "pbs_mean", "xattention", "meanpool"}
+    assert method_config("xattention") == PBSConfig(permute="none", force_local_blocks=0)
+    assert method_config("pbs_mean") == PBSConfig(scoring="mean", permute="key", force_local_blocks=0)
+    assert method_config("meanpool", threshold=0.8) == PBSConfig(
+        scoring="mean", permute="none", force_local_blocks=0, threshold=0.8
+    )
+    assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key")
+    assert set(METHODS) == {"dense", "pbs", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
 
 
 def test_unknown_method_and_bad_overrides():

@@ -28,6 +28,9 @@ SCRIPTS = Path(sys.executable).parent
 # Small enough for seconds per task, long enough (3+ segments of 256 keys) for PBS to skip blocks.
 TINY = ["model=tiny_llama", "seq_len=640"]
 TINY_PERPLEXITY = [*TINY, "task.tail_tokens=256", "task.passkey_trials=0"]
+# At 640 tokens the default's forced local window covers nearly every block: drop it where a
+# test needs blocks to be skipped.
+SPARSE = ["method.threshold=0.5", "method.force_local_blocks=0"]
 
 
 def composed(overrides):
@@ -112,7 +115,7 @@ def test_layer_indices_are_checked_against_the_loaded_model(tmp_path):
 
 
 def test_perplexity_task(tmp_path):
-    payload = run([*TINY, "task.tail_tokens=256", "task.passkey_trials=2", "method.threshold=0.5"], tmp_path)
+    payload = run([*TINY, "task.tail_tokens=256", "task.passkey_trials=2", *SPARSE], tmp_path)
     dense, pbs = payload["rows"]
     assert (dense["method"], pbs["method"]) == ("dense", "pbs")
     assert pbs["threshold"] == 0.5 and pbs["engine"]["scoring"] == "antidiagonal"
@@ -133,7 +136,7 @@ def test_threshold_one_reproduces_dense_perplexity(tmp_path):
 
 
 def test_dense_layers_run_dense(tmp_path):
-    payload = run([*TINY_PERPLEXITY, "task.recall=false", "method.threshold=0.5", "dense_layers=[0]"], tmp_path)
+    payload = run([*TINY_PERPLEXITY, "task.recall=false", *SPARSE, "dense_layers=[0]"], tmp_path)
     layers = payload["details"]["pbs"]["stats"]["layers"]
     assert layers[0]["path"] == "dense" and set(layers[0]["density"]) == {1.0}
     assert layers[1]["path"] == "pbs" and max(layers[1]["density"]) < 1
@@ -154,7 +157,7 @@ def test_passkey_task(tmp_path):
 
 
 def test_attention_stats_task(tmp_path):
-    payload = run(["model=tiny_qwen2", "seq_len=640", "task=attention_stats", "method.threshold=0.5"], tmp_path)
+    payload = run(["model=tiny_qwen2", "seq_len=640", "task=attention_stats", *SPARSE], tmp_path)
     assert [r["layer"] for r in payload["rows"]] == [0, 1]
     for layer in payload["details"]["layers"].values():
         assert len(layer["density"]) == len(layer["recall"]) == 4  # query heads
@@ -225,7 +228,7 @@ def test_configs_ship_in_the_wheel(tmp_path):
 
 def test_untimed_perplexity_runs_one_pass_per_method(tmp_path):
     """task.timed=false (for quality sweeps): no wall time, stats still collected."""
-    payload = run([*TINY_PERPLEXITY, "task.timed=false", "method.threshold=0.5"], tmp_path)
+    payload = run([*TINY_PERPLEXITY, "task.timed=false", *SPARSE], tmp_path)
     rows = rows_by_method(payload)
     assert rows["dense"]["wall_s"] is None and rows["pbs"]["wall_s"] is None
     assert 0 < rows["pbs"]["density"] < 1 and rows["pbs"]["recall"] is not None

@@ -10,7 +10,10 @@ from flex_pbs.scoring import antidiagonal_block_scores, mean_pool_block_scores
 def test_xattention_semantics_without_permutation():
     q, k = torch.randn(2, 4, 1024, 32), torch.randn(2, 2, 1024, 32)
     for force_sink in (True, False):
-        cfg = PBSConfig(block_size=64, segment_size=64, stride=8, permute="none", threshold=0.8, force_sink=force_sink)
+        cfg = PBSConfig(
+            block_size=64, segment_size=64, stride=8, permute="none", threshold=0.8,
+            force_sink=force_sink, force_local_blocks=0,
+        )
         plan = build_plan(q, k, cfg)
         for b in range(2):
             for h in range(4):

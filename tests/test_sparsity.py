@@ -8,7 +8,7 @@ from flex_pbs.synthetic import PlantedPattern, planted_qkv
 def test_planted_structure_is_sparse_with_high_recall():
     q, k, v = planted_qkv(1, 4, 2, 4096, 64, seed=0)
     for segment_size in (256, 512):
-        cfg = PBSConfig(threshold=0.9, segment_size=segment_size)
+        cfg = PBSConfig(threshold=0.9, segment_size=segment_size, permute="key", force_local_blocks=0)
         out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
         recall = attention_recall(q, k, plan)
         assert plan.density < (0.65 if segment_size == 256 else 0.5), plan.density
@@ -20,11 +20,12 @@ def test_permutation_gathers_scattered_heavy_hitters():
     q, k, _ = planted_qkv(1, 4, 2, 4096, 64, seed=1)
     for segment_size in (256, 512):
         for scoring in ("antidiagonal",):
-            permuted = build_plan(q, k, PBSConfig(segment_size=segment_size, scoring=scoring))
-            plain = build_plan(q, k, PBSConfig(segment_size=segment_size, scoring=scoring, permute="none"))
+            cfg = PBSConfig(segment_size=segment_size, scoring=scoring, force_local_blocks=0)
+            permuted = build_plan(q, k, cfg.replace(permute="key"))
+            plain = build_plan(q, k, cfg.replace(permute="none"))
             assert permuted.density < plain.density - 0.05, (segment_size, permuted.density, plain.density)
     # The heavy-hitter keys (channel 1 of the planted keys) move to the front of each segment.
-    plan = build_plan(q, k, PBSConfig(segment_size=512))
+    plan = build_plan(q, k, PBSConfig(segment_size=512, permute="key"))
     heavy = k[0, 0, :, 1] > 1.0
     heavy_slots = heavy[plan.key_order[0, 0]].view(-1, 512)
     first_block_share = heavy_slots[:, :128].sum() / heavy_slots.sum()

@@ -120,7 +120,7 @@ def test_sliding_window_models_run_exactly(registered):
 
 def test_per_layer_control_and_stats():
     flex_pbs.register(
-        PBSConfig(threshold=0.5), dense_layers=1, layer_thresholds={1: 0.3},
+        PBSConfig(threshold=0.5, force_local_blocks=0), dense_layers=1, layer_thresholds={1: 0.3},
         collect_stats=True, stats_recall=True, overwrite=True,
     )
     try:
