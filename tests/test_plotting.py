@@ -154,10 +154,11 @@ def test_layer_table_and_its_markdown(qkv):
     q, k, v = qkv
     table = plotting.layer_table({7: (q, k, v), 2: (q, k, v)}, threshold=0.8, **SMALL)
     assert [row["layer"] for row in table] == [2, 7]
-    assert list(table[0]) == ["layer", "xattention density", "xattention recall", "pbs density", "pbs recall"]
+    columns = ["layer", "xattention density", "xattention recall", "pbs_antidiagonal density", "pbs_antidiagonal recall"]
+    assert list(table[0]) == columns
     text = plotting.format_table(table, digits=2)
     lines = text.splitlines()
-    assert lines[0] == "| layer | xattention density | xattention recall | pbs density | pbs recall |"
+    assert lines[0] == "| " + " | ".join(columns) + " |"
     assert len(lines) == 4 and lines[2].startswith("| 2 | 0.")
     with pytest.raises(ValueError, match="row 1 has columns"):
         plotting.format_table([{"a": 1}, {"b": 2}])
