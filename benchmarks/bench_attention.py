@@ -102,7 +102,8 @@ def run_length(args, length: int, rows: list[dict]) -> None:
         for backend in args.backends:
             cfg = PBSConfig(threshold=threshold, block_size=args.block_size, segment_size=args.segment_size,
                             stride=args.stride, scoring=args.scoring, permute=args.permute,
-                            backend=backend, max_density=args.max_density)
+                            force_local_blocks=args.force_local_blocks, backend=backend,
+                            max_density=args.max_density)
             layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
             pbs_attention(q, k, v, cfg)  # compiles
             torch.cuda.empty_cache()
@@ -124,7 +125,8 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             blocks = sample_query_blocks(plan.layout.num_q_blocks, args.recall_blocks, seed=args.seed).to(q.device)
             recall = float(attention_recall(q, k, plan, query_blocks=blocks).mean())
             overhead = sum(stages[s] for s in ("permute", "score", "select", "build"))
-            row = {**base, "method": f"pbs thr={threshold} ({backend})", "threshold": threshold, "backend": backend,
+            name = f"pbs thr={threshold} permute={args.permute} local={args.force_local_blocks}"
+            row = {**base, "method": name, "threshold": threshold, "backend": backend,
                    "ms": total, "speedup": sdpa_ms / total, "density": plan.density, "recall": recall,
                    "peak_gib": peak,
                    "overhead_ms": overhead, "overhead_vs_sdpa": overhead / sdpa_ms,
@@ -184,34 +186,17 @@ def correctness_check(args) -> dict:
         return float((out[:, :, rows].float() - ref).norm() / ref.norm())
 
     result = {"L": length, "rows_checked": int(rows.numel()), "sdpa_bf16": rel(sdpa(q, k, v, scale))}
-    fused = build_plan(q, k, PBSConfig(threshold=0.9))
-    plain = build_plan(q, k, PBSConfig(threshold=0.9, backend="torch"))
+    fused = build_plan(q, k, PBSConfig(threshold=0.9, permute="key"))
+    plain = build_plan(q, k, PBSConfig(threshold=0.9, permute="key", backend="torch"))
     result["fused_vs_torch_plan"] = {
         "key_order_equal_share": float((fused.key_order == plain.key_order).float().mean()),
         "blocks_differing": float((fused.block_mask != plain.block_mask).float().mean()),
         "density": [fused.density, plain.density],
     }
-    # Do CUDA kernels accept index lists narrower than nK (only as wide as the fullest row)?
-    from flex_pbs.attention import _plan_with_keys
-    from flex_pbs.flex_mask import build_flex_mask
-
-    cfg = PBSConfig(threshold=0.9)
-    plan, k_perm = _plan_with_keys(q, k, cfg, scale, 0)
-    v_perm = permute_keys(v, plan.key_order)
-    wide = flex_attend(q, k_perm, v_perm, plan.flex_mask, scale)
-    kv_num, kv_idx, full_num, full_idx = (plan.flex_mask.kv_num_blocks, plan.flex_mask.kv_indices,
-                                          plan.flex_mask.full_kv_num_blocks, plan.flex_mask.full_kv_indices)
-    narrow_indices = (kv_num, kv_idx[..., : int(kv_num.max())].contiguous(),
-                      full_num, full_idx[..., : int(full_num.max())].contiguous())
-    try:
-        narrow_mask = build_flex_mask(narrow_indices, plan.key_order, plan.layout)
-        narrow = flex_attend(q, k_perm, v_perm, narrow_mask, scale)
-        result["narrow_indices"] = {"max_abs_diff": float((narrow.float() - wide.float()).abs().max()),
-                                    "widths": [int(kv_num.max()), int(full_num.max()), plan.layout.num_kv_blocks]}
-    except Exception as error:
-        result["narrow_indices"] = {"error": str(error)[:300]}
-    del fused, plain, plan, k_perm, v_perm, wide
-    for name, cfg in {"thr=1.0": PBSConfig(threshold=1.0), "thr=0.9": PBSConfig(threshold=0.9)}.items():
+    del fused, plain
+    checks = {"thr=1.0": PBSConfig(threshold=1.0), "thr=1.0 permute=key": PBSConfig(threshold=1.0, permute="key"),
+              "thr=0.9": PBSConfig(threshold=0.9)}
+    for name, cfg in checks.items():
         start = time.perf_counter()
         out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
         torch.cuda.synchronize()
@@ -304,8 +289,10 @@ def main(argv=None) -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--segment-size", type=int, default=256)
     parser.add_argument("--stride", type=int, default=8)
-    parser.add_argument("--scoring", default="antidiagonal")
-    parser.add_argument("--permute", default="key")
+    defaults = PBSConfig()
+    parser.add_argument("--scoring", default=defaults.scoring)
+    parser.add_argument("--permute", default=defaults.permute)
+    parser.add_argument("--force-local-blocks", type=int, default=defaults.force_local_blocks)
     parser.add_argument("--max-density", type=float, default=None)
     parser.add_argument("--recall-blocks", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
