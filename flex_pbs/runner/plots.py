@@ -84,6 +84,13 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _varying_name(curves: dict[str, list[dict[str, Any]]]) -> str:
+    """What the point labels are: the field name when every point varies the same one field."""
+    labels = {p["point_label"] for points in curves.values() for p in points}
+    names = {label.split("=", 1)[0] for label in labels if "," not in label and "=" in label}
+    return names.pop() if len(names) == 1 else "settings"
+
+
 def plot_sweep(curves: dict[str, list[dict[str, Any]]], dense: list[dict[str, Any]], tail_header: str, path: Path) -> None:
     """Perplexity (left) and tail perplexity (right) against mean density: one line per method
     across its runs, dense as a horizontal reference line per context length."""
@@ -92,12 +99,14 @@ def plot_sweep(curves: dict[str, list[dict[str, Any]]], dense: list[dict[str, An
     for ax, key, title in zip(axes, ("perplexity", "tail_perplexity"), ("perplexity", tail_header)):
         for i, (label, points) in enumerate(curves.items()):
             ax.plot([p["density"] for p in points], [p[key] for p in points], marker="o", color=f"C{i}", label=label)
-            for p in points:
-                ax.annotate(p["point_label"], (p["density"], p[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for p in points:  # just the values: the legend says what varies
+                value = p["point_label"].split("=", 1)[-1] if "," not in p["point_label"] else p["point_label"]
+                ax.annotate(value, (p["density"], p[key]), textcoords="offset points", xytext=(3, 3),
+                            fontsize=6, color=f"C{i}")
         for j, row in enumerate(dense):
             ax.axhline(row[key], color="k", linestyle="--" if j == 0 else ":", linewidth=1, label=f"dense, {row['seq_len']} tok")
         ax.set_xlabel("mean density (computed / causal blocks)")
         ax.set_ylabel(title)
-        ax.set_title(f"{title} vs density")
+        ax.set_title(f"{title} vs density (points: {_varying_name(curves)})")
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
