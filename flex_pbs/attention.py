@@ -147,10 +147,12 @@ def permute_stage(
     """Stage 1: ``(key_order long [B, Hkv, Lk], k_perm [B, Hkv, Lk, D])``."""
     if config.permute == "none":
         return identity_key_order(k), k
+    importance_of = key_importance
     if _fused(q, config):
-        from .kernels.importance import key_importance_fused as importance_of
-    else:
-        importance_of = key_importance
+        from .kernels import importance
+
+        if importance.supports(q):
+            importance_of = importance.key_importance_fused
     importance = importance_of(q, k, config.block_size, scale, q_offset)
     key_order = segment_key_order(importance, config.segment_size)
     return key_order, permute_keys(k, key_order)
@@ -166,11 +168,12 @@ def score_stage(
 ) -> torch.Tensor:
     """Stage 2: float32 block scores ``[B, Hq, nQ, nK]``."""
     if config.scoring == "antidiagonal" and _fused(q, config):
-        from .kernels.antidiagonal import antidiagonal_block_scores_fused
+        from .kernels import antidiagonal
 
-        return antidiagonal_block_scores_fused(
-            q, k_perm, key_order, layout, config.stride, scale, fp8=config.scoring_fp8
-        )
+        if antidiagonal.supports(q, config.block_size, config.stride):
+            return antidiagonal.antidiagonal_block_scores_fused(
+                q, k_perm, key_order, layout, config.stride, scale, fp8=config.scoring_fp8
+            )
     return estimate_block_scores(q, k_perm, key_order, layout, config, scale)
 
 

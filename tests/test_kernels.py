@@ -108,3 +108,12 @@ def test_fused_antidiagonal_on_cuda_bf16():
     ref = antidiagonal_block_scores(q, k, order, layout, 8, 128**-0.5)
     out = antidiagonal_block_scores_fused(q, k, order, layout, 8, 128**-0.5)
     assert (out - ref).abs().max() < 2e-2
+
+
+def test_shapes_the_kernels_cannot_tile_fall_back_to_torch():
+    from flex_pbs.kernels import antidiagonal, importance
+
+    q = torch.randn(1, 2, 512, 96)  # head_dim 96: not a power of two
+    assert not importance.supports(q) and not antidiagonal.supports(q, 128, 8)
+    assert not antidiagonal.supports(torch.randn(1, 2, 512, 64), 96, 8)  # 12 rows per block
+    assert antidiagonal.supports(torch.randn(1, 2, 512, 64), 128, 8)

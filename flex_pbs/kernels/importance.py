@@ -78,6 +78,7 @@ def _column_sums_kernel(
 
 
 def supports(q: torch.Tensor) -> bool:
+    """Whether the kernels handle this head dim (a power of two, as ``tl.arange`` needs)."""
     dim = q.shape[-1]
     return dim >= 16 and dim & (dim - 1) == 0
 
