@@ -64,6 +64,15 @@ def flex_attend(
     Returns:
         ``[B, Hq, Lq, D]``.
     """
+    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+        # FlexAttention has no CPU backward and refuses inputs that require grad even when no
+        # graph is recorded; detach those, and name the fix when a graph would be needed.
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "FlexAttention has no backward pass on CPU: run inference under torch.inference_mode() "
+                "or torch.no_grad(), detach the inputs, or train on a CUDA device"
+            )
+        q, k, v = q.detach(), k.detach(), v.detach()
     q_len, kv_len = q.shape[-2], k.shape[-2]
     kernel_q, kernel_kv = block_mask.seq_lengths
     q_in, k_in, v_in = _pad_tokens(q, kernel_q), _pad_tokens(k, kernel_kv), _pad_tokens(v, kernel_kv)

@@ -50,3 +50,12 @@ def test_exhausting_the_recompile_limit_raises_instead_of_running_eager(monkeypa
     with pytest.raises(Exception, match="recompile"):
         pbs_attention(q, k, v, cfg)
     torch._dynamo.reset()
+
+
+def test_cpu_inputs_that_need_grad_fail_with_the_fix_named():
+    q, k, v = (torch.randn(1, 2, 640, 32) for _ in range(3))
+    cfg = PBSConfig(threshold=0.9, dense_below=0)
+    with pytest.raises(NotImplementedError, match="inference_mode"):
+        pbs_attention(q.requires_grad_(), k, v, cfg)
+    with torch.no_grad():
+        assert torch.isfinite(pbs_attention(q, k, v, cfg)).all()
