@@ -17,6 +17,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 import flex_pbs.models
 from flex_pbs import PBSConfig
+from flex_pbs.layer_thresholds import save_layer_thresholds
 from flex_pbs.methods import METHODS, method_config
 from flex_pbs.runner import session
 from flex_pbs.runner.job import run_job
@@ -142,6 +143,18 @@ def test_dense_layers_run_dense(tmp_path):
     assert layers[1]["path"] == "pbs" and max(layers[1]["density"]) < 1
 
 
+def test_layer_thresholds_file_overrides_the_method_threshold_per_layer(tmp_path):
+    path = save_layer_thresholds(tmp_path / "calibrated.json", {0: 1.0})
+    payload = run([*TINY_PERPLEXITY, "task.recall=false", *SPARSE, f"layer_thresholds={path}"], tmp_path)
+    layers = payload["details"]["pbs"]["stats"]["layers"]
+    assert set(layers[0]["density"]) == {1.0} and max(layers[1]["density"]) < 1
+    with pytest.raises(ConfigError, match=r"layer_thresholds: .* does not exist"):
+        run([*TINY_PERPLEXITY, f"layer_thresholds={tmp_path / 'missing.json'}"], tmp_path)
+    far = save_layer_thresholds(tmp_path / "far.json", {7: 0.9})
+    with pytest.raises(ConfigError, match=r"layer_thresholds \[7\]: the model has layers 0..1"):
+        run([*TINY_PERPLEXITY, f"layer_thresholds={far}"], tmp_path)
+
+
 def test_dense_method_alone(tmp_path):
     payload = run([*TINY_PERPLEXITY, "method=dense"], tmp_path)
     assert [r["method"] for r in payload["rows"]] == ["dense"]
@@ -245,3 +258,7 @@ def test_sweep_lines_split_on_engine_fields_other_than_the_threshold():
     lines = curves(rows + [row("pbs", 0.9, 0, 0.2)])
     assert set(lines) == {"xattention, force_local_blocks=0", "xattention, force_local_blocks=4", "pbs"}
     assert [p["point_label"] for p in lines["xattention, force_local_blocks=4"]] == ["threshold=0.8", "threshold=0.9"]
+    calibrated = {**row("pbs", 0.9, 0, 0.18), "layer_thresholds": "runs/code4k_t35.json"}
+    assert set(curves([row("pbs", 0.9, 0, 0.2), calibrated])) == {
+        "pbs, layer_thresholds=None", "pbs, layer_thresholds=code4k_t35"
+    }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -32,6 +33,7 @@ from transformers.masking_utils import (
 
 from ..attention import PBSPlan, pbs_attention
 from ..config import PBSConfig
+from ..layer_thresholds import check_layer_thresholds, load_layer_thresholds
 from ..metrics import attention_recall
 
 DEFAULT_NAME = "flex_pbs"
@@ -134,7 +136,7 @@ def register(
     *,
     name: str = DEFAULT_NAME,
     dense_layers: int | Iterable[int] = 0,
-    layer_thresholds: Mapping[int, float] | None = None,
+    layer_thresholds: Mapping[int, float] | str | Path | None = None,
     collect_stats: bool = False,
     stats_recall: bool = False,
     overwrite: bool = False,
@@ -144,7 +146,8 @@ def register(
     Args:
         config: a :class:`PBSConfig` or a mapping of its fields (unknown keys raise).
         dense_layers: run these layer indices dense (an int ``n`` means the first ``n``).
-        layer_thresholds: per-layer threshold overrides, ``{layer_idx: threshold}``.
+        layer_thresholds: per-layer threshold overrides, ``{layer_idx: threshold}``, or the
+            path of a file written by ``flex-pbs-calibrate``.
         collect_stats: record density per layer and head on every prefill
             (read with :func:`stats`); ``stats_recall`` also computes attention recall
             (exact attention probabilities: costly).
@@ -166,9 +169,10 @@ def register(
     elif not isinstance(config, PBSConfig):
         raise TypeError(f"config must be a PBSConfig or a mapping, got {type(config).__name__}")
     dense = frozenset(range(dense_layers)) if isinstance(dense_layers, int) else frozenset(dense_layers)
-    thresholds = dict(layer_thresholds or {})
-    for layer, threshold in thresholds.items():
-        config.replace(threshold=threshold)  # validates
+    if isinstance(layer_thresholds, (str, Path)):
+        thresholds = load_layer_thresholds(layer_thresholds)
+    else:
+        thresholds = check_layer_thresholds(layer_thresholds or {})
     registration = PBSRegistration(name, config, dense, thresholds, collect_stats, stats_recall)
     AttentionInterface.register(name, registration)
     AttentionMaskInterface.register(name, pbs_mask)

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import re
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -25,6 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..config import PBSConfig
 from ..data import TEXTS
+from ..layer_thresholds import load_layer_thresholds
 from ..methods import METHODS, method_config
 from ..models import TINY_ARCHITECTURES
 
@@ -139,6 +141,7 @@ class RunConfig:
     seed: int = MISSING
     text: str = MISSING
     dense_layers: Any = MISSING
+    layer_thresholds: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -165,6 +168,8 @@ class RunSpec:
         overrides: the PBSConfig fields the method node sets.
         task: the task's dataclass (one of :data:`TASK_SCHEMAS`).
         dense_layers: ``n`` (the first n layers) or a tuple of layer indices run dense.
+        layer_thresholds: per-layer thresholds (from the ``layer_thresholds`` file, written by
+            ``flex-pbs-calibrate``), overriding the method's threshold on those layers.
     """
 
     method: str
@@ -178,6 +183,7 @@ class RunSpec:
     seed: int
     text: str
     dense_layers: int | tuple[int, ...]
+    layer_thresholds: dict[int, float] = field(default_factory=dict)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -297,6 +303,17 @@ def dense_layers_value(value: Any) -> int | tuple[int, ...]:
     return tuple(value)
 
 
+def layer_thresholds_value(path: str | None, engine: PBSConfig | None) -> dict[int, float]:
+    """The per-layer thresholds of a ``layer_thresholds`` file (none without a path)."""
+    if path is None:
+        return {}
+    _require(engine is not None, "layer_thresholds applies to sparse methods; method=dense has no threshold")
+    try:
+        return load_layer_thresholds(Path(path).expanduser())
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"layer_thresholds: {error}") from None
+
+
 def validate(cfg: DictConfig) -> RunSpec:
     """Check a composed run config and return its :class:`RunSpec`; raises :class:`ConfigError`."""
     if not isinstance(cfg, DictConfig):
@@ -315,6 +332,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     _require(run.text in TEXTS, f"text must be one of {TEXTS}, got {run.text!r}")
     device_problems(run.device)
     dense_layers = dense_layers_value(run.dense_layers)
+    layer_thresholds = layer_thresholds_value(run.layer_thresholds, engine)
     return RunSpec(
         method=run.method.name,
         engine=engine,
@@ -327,4 +345,5 @@ def validate(cfg: DictConfig) -> RunSpec:
         seed=run.seed,
         text=run.text,
         dense_layers=dense_layers,
+        layer_thresholds=layer_thresholds,
     )

@@ -87,7 +87,8 @@ def layer_problems(spec: RunSpec, session: Session) -> None:
     layers = session.num_layers
     named = spec.dense_layers if isinstance(spec.dense_layers, tuple) else ()
     task_layers = tuple(getattr(spec.task, "layers", None) or ())
-    for key, indices in (("dense_layers", named), ("task.layers", task_layers)):
+    calibrated = tuple(spec.layer_thresholds)
+    for key, indices in (("dense_layers", named), ("task.layers", task_layers), ("layer_thresholds", calibrated)):
         if any(i >= layers for i in indices):
             raise ConfigError(f"{key} {list(indices)}: the model has layers 0..{layers - 1}")
     if isinstance(spec.dense_layers, int) and spec.dense_layers > layers:
@@ -114,6 +115,7 @@ def attention(
     session: Session,
     engine: flex_pbs.PBSConfig | None,
     dense_layers: int | tuple[int, ...] = 0,
+    layer_thresholds: dict[int, float] | None = None,
     collect_stats: bool = False,
     recall: bool = False,
 ) -> Iterator[None]:
@@ -125,7 +127,8 @@ def attention(
         yield
         return
     flex_pbs.register(
-        engine, dense_layers=dense_layers, collect_stats=collect_stats, stats_recall=recall, overwrite=True
+        engine, dense_layers=dense_layers, layer_thresholds=layer_thresholds, collect_stats=collect_stats,
+        stats_recall=recall, overwrite=True,
     )
     try:
         flex_pbs.apply(session.model)

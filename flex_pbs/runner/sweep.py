@@ -47,6 +47,7 @@ def _run_fields(run: dict[str, Any], row: dict[str, Any], root: Path) -> dict[st
         **{key: row.get(key) for key in keep},
         "model": run["config"]["model"]["name"],
         "text": run["config"]["text"],
+        "layer_thresholds": run["config"].get("layer_thresholds"),
         "run": str(run["path"].parent.relative_to(root)),
         "overrides": " ".join(run["overrides"]),
     }
@@ -86,8 +87,12 @@ def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for method, method_rows in by_method.items():
         variants = [f for f in varying_engine_fields(method_rows) if f != "threshold"]
+        calibrated = len({r.get("layer_thresholds") for r in method_rows}) > 1
         for row in method_rows:
             label = ", ".join([method, *(f"{f}={row['engine'].get(f)}" for f in variants)])
+            if calibrated:
+                path = row.get("layer_thresholds")
+                label += f", layer_thresholds={Path(path).stem if path else None}"
             label += f", {row['seq_len']} tok" if several["seq_len"] else ""
             grouped[label + (f", {row['model']}" if several["model"] else "")].append(row)
     for line, points in grouped.items():

@@ -96,11 +96,11 @@ def perplexity_of(method: Method, spec: RunSpec, session: Session, ids: torch.Te
     if task.timed:
         # A first pass warms up and, for sparse methods, compiles FlexAttention and collects the
         # stats (and recall), so that the timed pass below carries none of that.
-        with attention(session, method.engine, spec.dense_layers, **stats):
+        with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds, **stats):
             first_pass_s = timed_forward(session, ids, logits_to_keep=1)[1]
             summary = stats_summary(flex_pbs.stats(session.model)) if sparse else None
         stats = {}
-    with attention(session, method.engine, spec.dense_layers, **stats):
+    with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds, **stats):
         output, wall = timed_forward(session, ids)
         wall_s = wall if task.timed else None
         losses = token_losses(output.logits, ids)
@@ -189,7 +189,7 @@ def passkey_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callable[
     keys = passkeys(len(cells), spec.seed)
     rows, details = [], {}
     for method in tqdm(compared_methods(spec), desc="methods", unit="method"):
-        with attention(session, method.engine, spec.dense_layers):
+        with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds):
             trials = [
                 {"requested_length": length, **passkey_trial(session, length, depth, key, task.new_tokens)}
                 for (length, depth), key in tqdm(list(zip(cells, keys)), desc="passkey", unit="trial", leave=False)
@@ -274,10 +274,10 @@ def attention_stats_task(spec: RunSpec, session: Session) -> tuple[TaskResult, C
 def latency_of(method: Method, spec: RunSpec, session: Session, ids: torch.Tensor) -> dict[str, Any]:
     """Warm-up pass (with stats, for density), then ``repeats`` timed prefill passes."""
     sparse = method.engine is not None
-    with attention(session, method.engine, spec.dense_layers, collect_stats=sparse):
+    with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds, collect_stats=sparse):
         warmup_s = timed_forward(session, ids, logits_to_keep=1)[1]
         density = stats_summary(flex_pbs.stats(session.model))["density"] if sparse else 1.0
-    with attention(session, method.engine, spec.dense_layers):
+    with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds):
         times = [
             timed_forward(session, ids, logits_to_keep=1)[1]
             for _ in tqdm(range(spec.task.repeats), desc=f"prefill {method.name}", unit="pass", leave=False)

@@ -1,0 +1,108 @@
+"""``flex-pbs-calibrate``: per-layer thresholds for SmolLM2 at a mean density budget.
+
+Measures every layer alone at every candidate threshold on a calibration window of a text
+(held out from evaluation: by default it starts after the first 8192 tokens, which every
+evaluation at up to 8K uses), chooses the thresholds (:mod:`flex_pbs.calibration`), prints
+them and writes a file for ``flex-pbs-run layer_thresholds=FILE`` and
+``flex_pbs.register(layer_thresholds=FILE)``. ``--reuse FILE`` re-chooses for another budget
+from an earlier file's measurements without running the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..calibration import (
+    choose_layer_thresholds,
+    measure_layer_sensitivity,
+    measurement_records,
+    measurements_from_records,
+)
+from ..data import TEXTS, token_ids
+from ..layer_thresholds import FORMAT, save_layer_thresholds
+from ..methods import METHODS, method_config
+from .report import Column, format_table
+
+DEFAULT_THRESHOLDS = (0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the model: the calibration record (everything but the chosen thresholds)."""
+    import torch
+
+    from ..models import load_smollm2
+
+    config = method_config(args.method)
+    model, tokenizer = load_smollm2("sdpa", getattr(torch, args.dtype), args.device)
+    ids = token_ids(tokenizer, args.text, args.seq_len, offset=args.offset).to(args.device)
+    dense_loss, measurements = measure_layer_sensitivity(model, ids, config, args.thresholds, args.layers)
+    return {
+        "model": "SmolLM2-135M-Instruct",
+        "method": args.method,
+        "engine": dataclasses.asdict(config),
+        "text": args.text,
+        "seq_len": args.seq_len,
+        "offset": args.offset,
+        "dense_loss": dense_loss,
+        "measurements": measurement_records(measurements),
+    }
+
+
+def reuse(path: Path) -> dict:
+    """The calibration record of an earlier file."""
+    payload = json.loads(path.read_text())
+    if payload.get("format") != FORMAT or "measurements" not in payload:
+        raise ValueError(f"{path} is not a flex-pbs-calibrate file with measurements")
+    return {key: value for key, value in payload.items() if key not in ("format", "layer_thresholds", "target_density", "predicted")}
+
+
+def choice_table(record: dict, thresholds: dict[int, float]) -> str:
+    measured = {(m.layer, m.threshold): m for m in measurements_from_records(record["measurements"])}
+    rows = [
+        {"layer": layer, "threshold": t, "density": measured[layer, t].density, "delta": 1e3 * measured[layer, t].delta_loss}
+        for layer, t in thresholds.items()
+    ]
+    columns = [Column("layer", "layer"), Column("threshold", "threshold"), Column("density", "density", "{:.3f}"),
+               Column("delta", "Δ loss (millinats/token)", "{:+.2f}")]
+    return format_table(rows, columns)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flex-pbs-calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target-density", type=float, required=True, help="mean density budget over layers, in (0, 1]")
+    p.add_argument("--out", type=Path, required=True, help="the layer thresholds file to write (JSON)")
+    p.add_argument("--reuse", type=Path, help="choose from this earlier file's measurements (no model run)")
+    p.add_argument("--method", default="pbs", choices=[m for m in METHODS if m != "dense"], help="engine preset")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), help="candidates per layer")
+    p.add_argument("--layers", type=int, nargs="+", help="layers to calibrate (default: all)")
+    p.add_argument("--text", default="code", choices=TEXTS)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--offset", type=int, default=8192, help="first calibration token in the text")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``flex-pbs-calibrate``."""
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        record = reuse(args.reuse) if args.reuse else measure(args)
+        thresholds, predicted = choose_layer_thresholds(measurements_from_records(record["measurements"]), args.target_density)
+    except (ValueError, FileNotFoundError) as error:
+        p.exit(2, f"flex-pbs-calibrate: {error}\n")
+    save_layer_thresholds(args.out, thresholds, target_density=args.target_density, predicted=predicted, **record)
+    print(choice_table(record, thresholds))
+    print(
+        f"\npredicted on the calibration window: mean density {predicted['density']:.3f}, "
+        f"loss +{1e3 * predicted['delta_loss']:.1f} millinats/token (if layers add up)\nwritten: {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
