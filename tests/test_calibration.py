@@ -99,12 +99,24 @@ def test_console_script_measures_chooses_writes_and_reuses(monkeypatch, tmp_path
     assert "written" in capsys.readouterr().out
     sparsest = sum(m["density"] for m in payload["measurements"] if m["threshold"] == 0.5) / 2
     sparse = tmp_path / "sparse.json"
-    calibrate.main(["--target-density", str(sparsest + 1e-9), "--out", str(sparse), "--reuse", str(first)])
+    measured = tmp_path / "calibrated.measurements.json"
+    assert json.loads(measured.read_text())["measurements"] == payload["measurements"]
+    calibrate.main(["--target-density", str(sparsest + 1e-9), "--out", str(sparse), "--reuse", str(measured)])
     assert load_layer_thresholds(sparse) == {0: 0.5, 1: 0.5}
     assert json.loads(sparse.read_text())["measurements"] == payload["measurements"]
     with pytest.raises(SystemExit):
         calibrate.main(["--target-density", "0.01", "--out", str(tmp_path / "x.json"), "--reuse", str(first)])
     assert "below the sparsest" in capsys.readouterr().err
+
+
+def test_measurements_survive_an_unreachable_budget(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(flex_pbs.models, "load_smollm2", lambda *a, **k: (tiny_model(), byte_tokenizer()))
+    out = tmp_path / "t.json"
+    with pytest.raises(SystemExit):
+        calibrate.main(["--target-density", "0.01", "--out", str(out), "--seq-len", "640", "--offset", "0",
+                        "--thresholds", "0.5", "--layers", "1"])
+    assert "below the sparsest" in capsys.readouterr().err and not out.exists()
+    assert len(json.loads((tmp_path / "t.measurements.json").read_text())["measurements"]) == 1
 
 
 def test_records_round_trip():

@@ -4,8 +4,9 @@ Measures every layer alone at every candidate threshold on a calibration window 
 (held out from evaluation: by default it starts after the first 8192 tokens, which every
 evaluation at up to 8K uses), chooses the thresholds (:mod:`flex_pbs.calibration`), prints
 them and writes a file for ``flex-pbs-run layer_thresholds=FILE`` and
-``flex_pbs.register(layer_thresholds=FILE)``. ``--reuse FILE`` re-chooses for another budget
-from an earlier file's measurements without running the model.
+``flex_pbs.register(layer_thresholds=FILE)``. The measurements are kept beside it
+(``<out stem>.measurements.json``, written before choosing); ``--reuse`` either file re-chooses
+for another budget without running the model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from ..layer_thresholds import FORMAT, save_layer_thresholds
 from ..methods import METHODS, method_config
 from .report import Column, format_table
 
-DEFAULT_THRESHOLDS = (0.8, 0.85, 0.9, 0.95, 0.98)
+DEFAULT_THRESHOLDS = (0.7, 0.8, 0.9, 0.97)
+MEASUREMENTS_FORMAT = "flex_pbs.calibration_measurements/1"
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -52,10 +54,17 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def measurements_path(out: Path) -> Path:
+    """Where the measurements behind ``out`` are kept: ``<out stem>.measurements.json``."""
+    return out.with_name(f"{out.stem}.measurements.json")
+
+
 def reuse(path: Path) -> dict:
-    """The calibration record of an earlier file."""
+    """The calibration record of an earlier thresholds or measurements file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
     payload = json.loads(path.read_text())
-    if payload.get("format") != FORMAT or "measurements" not in payload:
+    if payload.get("format") not in (FORMAT, MEASUREMENTS_FORMAT) or "measurements" not in payload:
         raise ValueError(f"{path} is not a flex-pbs-calibrate file with measurements")
     return {key: value for key, value in payload.items() if key not in ("format", "layer_thresholds", "target_density", "predicted")}
 
@@ -92,7 +101,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     try:
-        record = reuse(args.reuse) if args.reuse else measure(args)
+        if args.reuse:
+            record = reuse(args.reuse)
+        else:
+            record = measure(args)
+            # The measurements cost many forward passes: keep them whatever the choice gives.
+            measured = measurements_path(args.out)
+            measured.write_text(json.dumps({"format": MEASUREMENTS_FORMAT, **record}, indent=1) + "\n")
+            print(f"measurements: {measured} (choose again with --reuse)")
         thresholds, predicted = choose_layer_thresholds(measurements_from_records(record["measurements"]), args.target_density)
     except (ValueError, FileNotFoundError) as error:
         p.exit(2, f"flex-pbs-calibrate: {error}\n")
