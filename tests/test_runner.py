@@ -262,3 +262,5 @@ def test_sweep_lines_split_on_engine_fields_other_than_the_threshold():
     assert set(curves([row("pbs", 0.9, 0, 0.2), calibrated])) == {
         "pbs, layer_thresholds=None", "pbs, layer_thresholds=code4k_t35"
     }
+    texts = [{**row("pbs", 0.9, 4, 0.25), "text": text} for text in ("code", "prose")]
+    assert set(curves(texts)) == {"pbs, code", "pbs, prose"}

@@ -78,9 +78,9 @@ def varying_engine_fields(rows: list[dict[str, Any]]) -> list[str]:
 
 def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Method rows grouped into lines (by method, by any engine field other than the threshold
-    that varies within a method, and by length or model when several are present), sorted by
+    that varies within a method, and by length, text or model when several are present), sorted by
     density; each point gets a label of the engine fields that vary along its line."""
-    several = {key: len({r[key] for r in rows}) > 1 for key in ("seq_len", "model")}
+    several = {key: len({r.get(key) for r in rows}) > 1 for key in ("seq_len", "model", "text")}
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_method[row["method"]].append(row)
@@ -94,6 +94,7 @@ def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
                 path = row.get("layer_thresholds")
                 label += f", layer_thresholds={Path(path).stem if path else None}"
             label += f", {row['seq_len']} tok" if several["seq_len"] else ""
+            label += f", {row['text']}" if several["text"] else ""
             grouped[label + (f", {row['model']}" if several["model"] else "")].append(row)
     for line, points in grouped.items():
         fields = varying_engine_fields(points)
