@@ -40,6 +40,11 @@ def interpolate(points: list[tuple[float, float, float]], density: float) -> tup
     return None
 
 
+def sweep_name(path: Path) -> str:
+    """A sweep's name: its directory for ``<dir>/sweep.csv``, else the file's stem."""
+    return path.parent.name if path.name == "sweep.csv" else path.stem.removesuffix("_sweep")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", type=Path, nargs="+", help="sweep.csv files written by flex-pbs-sweep")
@@ -52,7 +57,7 @@ def main() -> None:
             for density in args.densities:
                 value = interpolate(points, density)
                 results.append({
-                    "sweep": str(path.parent), "line": line, "density": density,
+                    "sweep": sweep_name(path), "line": line, "density": density,
                     "delta_pct": None if value is None else value[0],
                     "tail_delta_pct": None if value is None else value[1],
                 })
@@ -67,7 +72,7 @@ def main() -> None:
             "-" if cells[d]["delta_pct"] is None else f"{cells[d]['delta_pct']:+.2f}% / {cells[d]['tail_delta_pct']:+.2f}%"
             for d in args.densities
         ]
-        print(f"| {Path(sweep).name} | {line} | " + " | ".join(text) + " |")
+        print(f"| {sweep} | {line} | " + " | ".join(text) + " |")
     out = args.out or args.csv[0].parent / "quality_at_density.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwritten: {out}")
