@@ -64,13 +64,14 @@ def flex_attend(
     Returns:
         ``[B, Hq, Lq, D]``.
     """
-    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
-        # FlexAttention has no CPU backward and refuses inputs that require grad even when no
-        # graph is recorded; detach those, and name the fix when a graph would be needed.
+    if any(t.requires_grad for t in (q, k, v)):
+        # flex_pbs is inference-only for now (FlexAttention has no CPU backward, and the compiled
+        # CUDA path fails inside Dynamo with an unreadable trace): name the fix instead. Under
+        # no_grad, inputs that merely carry requires_grad are detached (flex refuses them on CPU).
         if torch.is_grad_enabled():
             raise NotImplementedError(
-                "FlexAttention has no backward pass on CPU: run inference under torch.inference_mode() "
-                "or torch.no_grad(), detach the inputs, or train on a CUDA device"
+                "flex_pbs has no backward pass yet (prefill/inference only): run under "
+                "torch.inference_mode() or torch.no_grad(), or detach the inputs"
             )
         q, k, v = q.detach(), k.detach(), v.detach()
     q_len, kv_len = q.shape[-2], k.shape[-2]
