@@ -87,13 +87,13 @@ def measure_layer_sensitivity(
         measurements = []
         grid = [(layer, t) for layer in layers for t in thresholds]
         for layer, threshold in tqdm(grid, desc="calibrate", unit="run", disable=not progress):
-            registration = adapter.register(
+            adapter.register(
                 config, name=CALIBRATION_NAME, dense_layers=every_layer - {layer},
                 layer_thresholds={layer: threshold}, collect_stats=True, overwrite=True,
             )
             loss = _mean_loss(model, ids)
             density = float(adapter.stats(model, CALIBRATION_NAME)[layer].density.mean())
-            registration.stats.clear()
+            adapter.reset_stats(CALIBRATION_NAME)
             measurements.append(LayerMeasurement(layer, float(threshold), density, loss - dense_loss))
     finally:
         model.set_attn_implementation(previous)
@@ -136,6 +136,7 @@ def choose_layer_thresholds(
             f"target_density {target_density} is below the sparsest measured choice "
             f"({_mean_density(sparsest):.3f}): measure lower thresholds or raise the target"
         )
+
     def meets(weight: float) -> bool:
         return _mean_density(_pick(options, weight)) <= target_density
 

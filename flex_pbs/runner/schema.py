@@ -16,8 +16,8 @@ import dataclasses
 import difflib
 import re
 import typing
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 import torch
