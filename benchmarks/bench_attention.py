@@ -103,22 +103,24 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             cfg = PBSConfig(threshold=threshold, block_size=args.block_size, segment_size=args.segment_size,
                             stride=args.stride, scoring=args.scoring, permute=args.permute,
                             force_local_blocks=args.force_local_blocks, backend=backend,
-                            max_density=args.max_density)
+                            max_density=args.max_density, scoring_fp8=args.scoring_fp8)
             layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
             pbs_attention(q, k, v, cfg)  # compiles
             torch.cuda.empty_cache()
             peak = peak_gib(lambda: pbs_attention(q, k, v, cfg))  # nothing else alive but q, k, v
             out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
             key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
-            v_perm = permute_keys(v, key_order)
+            permuted = cfg.permute != "none"
+            v_perm = permute_keys(v, key_order) if permuted else v  # as pbs_attention does
             scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
             selected, causal, indices = select_stage(scores, key_order, layout, cfg)
-            mask = build_stage(indices, key_order, layout)
+            mask = build_stage(indices, key_order, layout, permuted)
             stages = {
-                "permute": bench_ms(lambda: (permute_stage(q, k, cfg, scale, 0), permute_keys(v, key_order))),
+                "permute": bench_ms(lambda: (permute_stage(q, k, cfg, scale, 0),
+                                             permute_keys(v, key_order) if permuted else v)),
                 "score": bench_ms(lambda: score_stage(q, k_perm, key_order, layout, cfg, scale)),
                 "select": bench_ms(lambda: select_stage(scores, key_order, layout, cfg)),
-                "build": bench_ms(lambda: build_stage(indices, key_order, layout)),
+                "build": bench_ms(lambda: build_stage(indices, key_order, layout, permuted)),
                 "attend": bench_ms(lambda: flex_attend(q, k_perm, v_perm, mask, scale)),
             }
             total = bench_ms(lambda: pbs_attention(q, k, v, cfg))
@@ -126,6 +128,7 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             recall = float(attention_recall(q, k, plan, query_blocks=blocks).mean())
             overhead = sum(stages[s] for s in ("permute", "score", "select", "build"))
             name = f"pbs thr={threshold} permute={args.permute} local={args.force_local_blocks}"
+            name += f" S={args.stride}" + (" fp8" if args.scoring_fp8 else "")
             row = {**base, "method": name, "threshold": threshold, "backend": backend,
                    "ms": total, "speedup": sdpa_ms / total, "density": plan.density, "recall": recall,
                    "peak_gib": peak,
@@ -204,11 +207,11 @@ def correctness_check(args) -> dict:
     return result
 
 
-SCORER_CONFIGS = [  # (tile_rows, tile_slots, num_warps, num_stages, fp8)
-    (128, 128, 8, 3, False), (128, 128, 8, 4, False), (128, 256, 8, 3, False), (256, 128, 8, 3, False),
-    (128, 128, 8, 3, True), (128, 128, 8, 4, True), (128, 256, 8, 3, True), (64, 128, 4, 4, True),
+SCORER_CONFIGS = [  # (tile_rows, tile_slots, num_warps, num_stages, fp8); more were tried: NOTES.md
+    (128, 128, 8, 3, False), (128, 128, 8, 4, True), (128, 128, 8, 5, True), (256, 64, 8, 4, True),
 ]
-FLEX_OPTIONS = [None]  # default, (128,64,8 warps,3 stages), (128,128,8,2) and (128,64,4,3) were tried: NOTES.md
+# None: flex_pbs's default_kernel_options; {}: FlexAttention's own defaults. Others tried: NOTES.md.
+FLEX_OPTIONS = [None, {}]
 
 
 def tune(args) -> list[dict]:
@@ -294,6 +297,7 @@ def main(argv=None) -> None:
     parser.add_argument("--permute", default=defaults.permute)
     parser.add_argument("--force-local-blocks", type=int, default=defaults.force_local_blocks)
     parser.add_argument("--max-density", type=float, default=None)
+    parser.add_argument("--scoring-fp8", action="store_true", help="PBSConfig.scoring_fp8 (Hopper)")
     parser.add_argument("--recall-blocks", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="only the correctness check")

@@ -35,6 +35,35 @@ def exact_vs_sdpa(head_dim: int, length: int, backend: str) -> dict:
             "sdpa_rel_error": sdpa_err, "ok": err < 2 * sdpa_err + 1e-3}
 
 
+def chunked_exact(length: int, q_len: int) -> dict:
+    """threshold 1.0 with the queries at the end of the keys (chunked prefill), ragged lengths."""
+    q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=2)
+    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    q = q[:, :, -q_len:]
+    out = pbs_attention(q, k, v, PBSConfig(threshold=1.0), q_offset=length - q_len)
+    visible = torch.arange(length, device="cuda")[None, :] <= torch.arange(length - q_len, length, device="cuda")[:, None]
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible, enable_gqa=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    err, sdpa_err = rel_error(out, ref), rel_error(sdpa, ref)
+    return {"check": f"exact chunked L={length} q_len={q_len}", "rel_error": err, "sdpa_rel_error": sdpa_err,
+            "ok": err < 2 * sdpa_err + 1e-3}
+
+
+def fp8_scoring(length: int) -> dict:
+    """The fp8 cast kernel equals torch's cast; fp8 block scores select nearly the bf16 blocks."""
+    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8
+
+    q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=3)
+    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    amax = _abs_max(q).reshape(1)
+    cast_equal = torch.equal(_to_fp8(q, amax).view(torch.uint8),
+                             (q.float() * (240.0 / amax)).to(torch.float8_e4m3fn).view(torch.uint8))
+    bf16, fp8 = build_plan(q, k, PBSConfig(threshold=0.9)), build_plan(q, k, PBSConfig(threshold=0.9, scoring_fp8=True))
+    differ = float((bf16.block_mask != fp8.block_mask).float().mean())
+    return {"check": f"fp8 scoring L={length}", "cast_equal": cast_equal, "blocks_differ": differ,
+            "density": [bf16.density, fp8.density], "ok": cast_equal and differ < 0.05}
+
+
 def fused_vs_torch_plan(length: int) -> dict:
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=1)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
@@ -69,7 +98,10 @@ def main() -> None:
         lambda: exact_vs_sdpa(128, 8192, "auto"),
         lambda: exact_vs_sdpa(96, 4096, "auto"),  # not a power of two: torch planning stages
         lambda: exact_vs_sdpa(64, 4096, "triton"),
+        lambda: exact_vs_sdpa(128, 5000, "auto"),  # ragged length
+        lambda: chunked_exact(9000, 3001),
         lambda: fused_vs_torch_plan(16384),
+        lambda: fp8_scoring(16384),
         grad_inputs,
     ]
     results = []

@@ -200,14 +200,17 @@ def select_stage(
     return selected, causal, selection_indices(selected, layout.diagonal_blocks(scores.device))
 
 
-def build_stage(indices: MaskIndices, key_order: torch.Tensor, layout: BlockLayout) -> BlockMask:
-    """Stage 4: the BlockMask, at the length the compiled kernel runs at on this device."""
+def build_stage(
+    indices: MaskIndices, key_order: torch.Tensor, layout: BlockLayout, permuted: bool = True
+) -> BlockMask:
+    """Stage 4: the BlockMask, at the length the compiled kernel runs at on this device
+    (``permuted=False``: keys in original order, the mask needs no per-key tensor)."""
     device_type = key_order.device.type
     kernel_lengths = (
         bucket_length(layout.q_len, layout.block_size, device_type),
         bucket_length(layout.kv_len, layout.block_size, device_type),
     )
-    return build_flex_mask(indices, key_order, layout, kernel_lengths)
+    return build_flex_mask(indices, key_order if permuted else None, layout, kernel_lengths)
 
 
 def _plan_with_keys(
@@ -220,7 +223,7 @@ def _plan_with_keys(
     key_order, k_perm = permute_stage(q, k, config, scale, q_offset)
     scores = score_stage(q, k_perm, key_order, layout, config, scale)
     selected, causal, indices = select_stage(scores, key_order, layout, config)
-    flex_mask = build_stage(indices, key_order, layout)
+    flex_mask = build_stage(indices, key_order, layout, permuted=config.permute != "none")
     return PBSPlan(selected, key_order, causal, scores, flex_mask, layout), k_perm
 
 

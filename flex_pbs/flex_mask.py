@@ -54,7 +54,7 @@ def selection_indices(selected: torch.Tensor, diagonal: torch.Tensor) -> MaskInd
 
 def build_flex_mask(
     indices: MaskIndices,
-    key_order: torch.Tensor,
+    key_order: torch.Tensor | None,
     layout: BlockLayout,
     kernel_lengths: tuple[int, int] | None = None,
 ) -> BlockMask:
@@ -62,25 +62,34 @@ def build_flex_mask(
 
     Args:
         indices: from :func:`selection_indices` (or the fused selection kernel).
-        key_order: long ``[B, Hkv, Lk]``, original position of each key slot.
+        key_order: long ``[B, Hkv, Lk]``, original position of each key slot, or None when
+            the keys are in their original order (the mask then holds no per-key tensor).
         layout: the block geometry (query offset among the keys included).
         kernel_lengths: ``(q_len, kv_len)`` the kernel runs at, if larger than the real ones
             (padding rows compute nothing; padding keys are never visible).
     """
     kv_num, kv_idx, full_num, full_idx = indices
     q_heads, n_q, n_k = kv_idx.shape[1:]
-    group = q_heads // key_order.shape[1]
     bs = layout.block_size
     q_len, kv_len = kernel_lengths or (layout.q_len, layout.kv_len)
     pad_q, pad_k = -(-q_len // bs) - n_q, -(-kv_len // bs) - n_k
     if pad_q or pad_k:
         kv_num, full_num = (F.pad(n, (0, pad_q)) for n in (kv_num, full_num))
         kv_idx, full_idx = (F.pad(i, (0, pad_k, 0, pad_q)) for i in (kv_idx, full_idx))
-    # Shifting by the query offset lets the mask_mod compare with the local query index.
-    shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
+    if key_order is None:
+        # A tensor, not a Python int: the compiled kernel must not specialise on the offset.
+        offset = torch.tensor(layout.q_offset, device=kv_idx.device)
 
-    def original_position_causal(b, h, q_idx, kv_idx):
-        return shifted_order[b, h // group, kv_idx] <= q_idx
+        def original_position_causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+    else:
+        # Shifting by the query offset lets the mask_mod compare with the local query index.
+        shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
+        group = q_heads // key_order.shape[1]
+
+        def original_position_causal(b, h, q_idx, kv_idx):
+            return shifted_order[b, h // group, kv_idx] <= q_idx
 
     return BlockMask.from_kv_blocks(
         kv_num,

@@ -59,3 +59,22 @@ def test_cpu_inputs_that_need_grad_fail_with_the_fix_named():
         pbs_attention(q.requires_grad_(), k, v, cfg)
     with torch.no_grad():
         assert torch.isfinite(pbs_attention(q, k, v, cfg)).all()
+
+
+def test_query_offset_is_data_not_a_kernel_constant():
+    """Chunked prefill at offsets that share a length bucket reuses one compiled kernel."""
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = PBSConfig(threshold=0.8)
+    for kv_len in (2100, 2150):  # both in the 2304 bucket; query offsets 1588 and 1638
+        q, k, v = torch.randn(1, 2, 512, 32), torch.randn(1, 2, kv_len, 32), torch.randn(1, 2, kv_len, 32)
+        pbs_attention(q, k, v, cfg, q_offset=kv_len - 512)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_tuned_kernel_options_only_where_measured():
+    from flex_pbs.attention import build_plan
+
+    q, k = torch.randn(1, 2, 1024, 128), torch.randn(1, 2, 1024, 128)
+    plan = build_plan(q, k, PBSConfig(threshold=0.8))
+    assert flex.default_kernel_options(q, plan.flex_mask) is None  # CPU: FlexAttention's defaults

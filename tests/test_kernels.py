@@ -42,6 +42,24 @@ CHECK = textwrap.dedent(
         err = (out - ref).abs().max().item()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < tol, (b, hq, hkv, lk, lq, d, bs, s, seg, dtype, err)
+    # fp8 scoring: the kernel computes the fp32 function of the fp8 operands it was given (the
+    # interpreter's own fp8 rounding differs from the GPU's, so the reference dequantises the
+    # cast kernel's output), and stays near the unquantised scores (e4m3: 3 mantissa bits).
+    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8
+    for b, hq, hkv, lk, lq, d, bs, s, seg in [(1, 4, 2, 1024, 1024, 32, 128, 8, 256), (1, 2, 1, 1100, 800, 16, 128, 16, 256)]:
+        q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
+        offset = lk - lq
+        order = segment_key_order(key_importance(q, k, bs, d**-0.5, offset), seg)
+        k_perm = permute_keys(k, order)
+        layout = BlockLayout(lq, lk, offset, bs, seg)
+        amax_q, amax_k = _abs_max(q).reshape(1), _abs_max(k_perm).reshape(1)
+        q8 = _to_fp8(q, amax_q).float() * amax_q / 240
+        k8 = _to_fp8(k_perm, amax_k).float() * amax_k / 240
+        ref = antidiagonal_block_scores(q8, k8, order, layout, s, d**-0.5)
+        out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, fp8=True)
+        assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()
+        exact = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5)
+        assert (out - exact).abs().max() < 0.1, (out - exact).abs().max()
     # Importance: two-pass kernel equals the materialised softmax.
     import flex_pbs.kernels.importance as importance_kernel
     from flex_pbs.permutation import key_importance

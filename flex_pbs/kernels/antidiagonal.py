@@ -19,16 +19,41 @@ import triton.language as tl
 from ..layout import BlockLayout
 
 _LOG2E = 1.4426950408889634
+# Scaled fp8 values stay within ±240, below e4m3's 448 so that rounding cannot overflow.
+_FP8_RANGE = tl.constexpr(240.0)
+
+
+@triton.jit
+def _cast_fp8_kernel(x_ptr, y_ptr, amax_ptr, numel, BLOCK: tl.constexpr):
+    """``y = x * 240 / amax`` in float8 e4m3, one pass, with ``amax`` read on the device."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    scale = _FP8_RANGE / tl.maximum(tl.load(amax_ptr), 1e-6)
+    x = tl.load(x_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offsets, (x * scale).to(tl.float8e4nv), mask=offsets < numel)
+
+
+def _abs_max(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` as a float32 0-d tensor, without an ``|x|`` temporary."""
+    low, high = torch.aminmax(x)
+    return torch.maximum(-low, high).float()
+
+
+def _to_fp8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``x`` scaled by ``240 / amax`` into float8 e4m3 (``amax``: one float32)."""
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    block = 4096
+    _cast_fp8_kernel[(triton.cdiv(x.numel(), block),)](x, out, amax, x.numel(), BLOCK=block)
+    return out
 
 
 @triton.jit
 def _antidiagonal_kernel(
-    q_ptr, k_ptr, slot_first_ptr, out_ptr, scratch_ptr,
+    q_ptr, k_ptr, slot_first_ptr, out_ptr, scratch_ptr, amax_ptr,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_fb, stride_fh,
     stride_ob, stride_oh, stride_oq,
-    q_len, q_len_stored, kv_len, q_offset, n_q_blocks, n_kv_blocks, n_kv_heads, n_heads_total, n_q_tiles, n_programs,
+    q_len, kv_len, q_offset, n_q_blocks, n_kv_blocks, n_kv_heads, n_heads_total, n_q_tiles, n_programs,
     logit_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_BLOCKS: tl.constexpr, ROWS: tl.constexpr,
     STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_BLOCKS: tl.constexpr,
@@ -38,6 +63,9 @@ def _antidiagonal_kernel(
     M: tl.constexpr = GROUP_PAD * Q_BLOCKS * ROWS
     N: tl.constexpr = TILE_BLOCKS * ROWS
     pid = tl.program_id(0)
+    if FP8:  # undo the per-tensor scales of _cast_fp8_kernel (read on device: no host sync)
+        logit_scale = logit_scale * (tl.maximum(tl.load(amax_ptr), 1e-6) / _FP8_RANGE)
+        logit_scale = logit_scale * (tl.maximum(tl.load(amax_ptr + 1), 1e-6) / _FP8_RANGE)
 
     m_idx = tl.arange(0, M)
     g = m_idx // (Q_BLOCKS * ROWS)
@@ -73,11 +101,10 @@ def _antidiagonal_kernel(
             slot = j0 * ROWS + n_idx
             acc = tl.zeros([M, N], tl.float32)
             for t in range(STRIDE):
-                # fp8 inputs come with each stride group already reversed (see the wrapper).
-                q_tok = row_start + t if FP8 else row_start + STRIDE - 1 - t
+                q_tok = row_start + STRIDE - 1 - t
                 q_tile = tl.load(
                     q_rows[:, None] + q_tok[:, None] * stride_ql + d_idx[None, :],
-                    mask=(row_valid & (q_tok < q_len_stored))[:, None],
+                    mask=(row_valid & (q_tok < q_len))[:, None],
                     other=0.0,
                 )
                 k_tok = slot * STRIDE + t
@@ -146,8 +173,8 @@ def antidiagonal_block_scores_fused(
         tile_rows: strided query rows per program (the GQA group's heads × query blocks);
         tile_slots: key slots per inner step; num_warps, num_stages: Triton launch options
             (default stages: 3 in bf16, 4 in fp8, the fastest that fit shared memory on an H100).
-        fp8: multiply in float8 e4m3 (Hopper): Q (each stride group reversed, so a row's
-            loads are contiguous) and K are converted once, with per-tensor scales to ``±240``.
+        fp8: multiply in float8 e4m3 (Hopper): Q and K are converted once, in one pass each,
+            with per-tensor scales to ``±240`` that the kernel reads on the device.
 
     Returns:
         float32 ``[B, Hq, nQ, nK]``.
@@ -176,22 +203,18 @@ def antidiagonal_block_scores_fused(
     m = group_pad * q_blocks * rows
     scratch = torch.empty(programs, m, scratch_cols, device=q.device, dtype=torch.float32)
     out = torch.zeros(batch, q_heads, n_q, n_k, device=q.device, dtype=torch.float32)
-    q_scale = k_scale = 1.0
-    q_in, k_in = q, k_perm
+    q_in, k_in, amax = q, k_perm, out  # amax is only read in fp8
     if fp8:
-        q_scale = 240.0 / max(float(q.abs().amax()), 1e-6)
-        k_scale = 240.0 / max(float(k_perm.abs().amax()), 1e-6)
-        padded = torch.nn.functional.pad(q, (0, 0, 0, -q_len % stride))
-        q_in = (padded.unflatten(2, (-1, stride)).flip(3).flatten(2, 3) * q_scale).to(torch.float8_e4m3fn)
-        k_in = (k_perm * k_scale).to(torch.float8_e4m3fn)
+        amax = torch.stack([_abs_max(q), _abs_max(k_perm)])
+        q_in, k_in = _to_fp8(q, amax[0:1]), _to_fp8(k_perm, amax[1:2])
     _antidiagonal_kernel[(programs,)](
-        q_in, k_in, slot_first, out, scratch,
+        q_in, k_in, slot_first, out, scratch, amax,
         q_in.stride(0), q_in.stride(1), q_in.stride(2),
         k_in.stride(0), k_in.stride(1), k_in.stride(2),
         slot_first.stride(0), slot_first.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        q_len, q_in.shape[2], kv_len, layout.q_offset, n_q, n_k, kv_heads, batch * kv_heads, n_q_tiles, programs,
-        scale / stride * _LOG2E / (q_scale * k_scale),
+        q_len, kv_len, layout.q_offset, n_q, n_k, kv_heads, batch * kv_heads, n_q_tiles, programs,
+        scale / stride * _LOG2E,
         GROUP=group, GROUP_PAD=group_pad, Q_BLOCKS=q_blocks, ROWS=rows, STRIDE=stride,
         HEAD_DIM=dim, TILE_BLOCKS=tile_blocks,
         SEGMENT_BLOCKS=layout.segment_size // layout.block_size, SCRATCH_COLS=scratch_cols, FP8=fp8,
