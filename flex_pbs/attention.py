@@ -196,6 +196,7 @@ def select_stage(
         forced=forced.repeat_interleave(group, dim=1),
         threshold=config.threshold,
         max_density=config.max_density,
+        counts_forced=config.threshold_counts_forced,
     )
     return selected, causal, selection_indices(selected, layout.diagonal_blocks(scores.device))
 

@@ -61,6 +61,10 @@ class PBSConfig:
         backend: who runs the planning stages (importance, antidiagonal scoring, selection):
             ``"auto"`` (fused Triton kernels on CUDA, plain torch elsewhere), ``"torch"`` or
             ``"triton"`` (also on CPU under ``TRITON_INTERPRET=1``, for tests).
+        threshold_counts_forced: whether the forced blocks' score counts toward the threshold
+            (default). ``False``: the threshold is a fraction of the mass of the other
+            candidates only, so a row whose forced blocks hold most of its mass still selects
+            its heaviest remaining blocks.
         scoring_fp8: the fused antidiagonal kernel multiplies in float8 e4m3 (Hopper GPUs):
             about 2x faster scoring; selections differ from bf16 in ~2% of blocks. Ignored
             by the plain-torch path.
@@ -79,6 +83,7 @@ class PBSConfig:
     backend: str = "auto"
     scoring_fp8: bool = False
     force_local_blocks: int = 4
+    threshold_counts_forced: bool = True
 
     def __post_init__(self) -> None:
         _require_int("block_size", self.block_size, 16)
@@ -101,7 +106,7 @@ class PBSConfig:
             raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.permute not in PERMUTES:
             raise ValueError(f"PBSConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
-        for flag in ("force_sink", "scoring_fp8"):
+        for flag in ("force_sink", "scoring_fp8", "threshold_counts_forced"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"PBSConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         _require_int("dense_below", self.dense_below, 0)

@@ -19,13 +19,15 @@ def select_blocks(
     forced: torch.Tensor,
     threshold: float,
     max_density: float | None = None,
+    counts_forced: bool = True,
 ) -> torch.Tensor:
     """Threshold selection with forced blocks first.
 
     Per query-block row, blocks are taken in order (forced blocks first, then by descending
     score) until the cumulative score reaches ``threshold`` of the row total over all
     candidates; the block that crosses the threshold is kept. Forced blocks are always kept and
-    their score counts toward the threshold. ``threshold == 1`` keeps every candidate.
+    their score counts toward the threshold (``counts_forced=False``: the threshold applies to
+    the other candidates' mass alone). ``threshold == 1`` keeps every candidate.
 
     Args:
         block_scores: float ``[B, H, nQ, nK]``; non-negative.
@@ -45,7 +47,7 @@ def select_blocks(
         return candidates.clone()
     rows_per_chunk = max(1, _SELECT_CHUNK_ELEMENTS // (shape[0] * shape[1] * shape[3]))
     chunks = [
-        _select_rows(block_scores[:, :, r], candidates[:, :, r], forced[:, :, r], threshold, max_density)
+        _select_rows(block_scores[:, :, r], candidates[:, :, r], forced[:, :, r], threshold, max_density, counts_forced)
         for r in (slice(s, s + rows_per_chunk) for s in range(0, shape[2], rows_per_chunk))
     ]
     return torch.cat(chunks, dim=2)
@@ -57,8 +59,11 @@ def _select_rows(
     forced: torch.Tensor,
     threshold: float,
     max_density: float | None,
+    counts_forced: bool,
 ) -> torch.Tensor:
     scores = scores.float().masked_fill(~candidates, 0.0)
+    if not counts_forced:
+        scores = scores.masked_fill(forced, 0.0)
     priority = scores.masked_fill(forced, math.inf).masked_fill(~candidates, -math.inf)
     order = torch.argsort(priority, dim=-1, descending=True, stable=True)
     ranked = scores.gather(-1, order)

@@ -23,6 +23,7 @@ def test_defaults_are_valid():
         ({"block_size": 128.0}, TypeError, "block_size"),
         ({"max_density": 0.0}, ValueError, "max_density"),
         ({"force_sink": 1}, TypeError, "force_sink"),
+        ({"threshold_counts_forced": "no"}, TypeError, "threshold_counts_forced"),
         ({"dense_below": -1}, ValueError, "dense_below"),
     ],
 )

@@ -79,6 +79,7 @@ CHECK = textwrap.dedent(
         (1, 2, 2, 1300, 1300, 16, PBSConfig(threshold=0.95, max_density=0.3, permute="none")),
         (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=1.0)),
         (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=0.7, force_sink=False, scoring="mean")),
+        (1, 2, 2, 1300, 1300, 16, PBSConfig(threshold=0.8, threshold_counts_forced=False)),
     ]
     for b, hq, hkv, lk, lq, d, cfg in configs:
         cfg = cfg.replace(backend="torch")

@@ -22,6 +22,14 @@ def test_forced_blocks_count_toward_the_threshold():
     assert picked.flatten().tolist() == [False, True, False, True, True]
 
 
+def test_threshold_can_count_only_the_other_candidates_mass():
+    # Forced blocks hold 0.35; the rest 0.65, of which 0.8 is 0.52: 0.5 alone falls short.
+    scores = scores_row([0.1, 0.5, 0.05, 0.3, 0.05])
+    forced = torch.tensor([False, False, False, True, True])
+    picked = select_blocks(scores, torch.ones(5, dtype=torch.bool), forced, 0.8, counts_forced=False)
+    assert picked.flatten().tolist() == [True, True, False, True, True]
+
+
 def test_non_candidates_are_never_selected_and_threshold_one_keeps_all_candidates():
     scores = scores_row([0.4, 0.4, 0.2, 0.0])
     candidates = torch.tensor([True, True, False, True])

@@ -26,7 +26,7 @@ def _select_row_kernel(
     n_q_blocks, n_kv_blocks, q_heads, group, q_len, q_offset,
     threshold, max_density, force_local,
     BLOCK: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, COLS: tl.constexpr, BISECT_STEPS: tl.constexpr,
-    KEEP_ALL: tl.constexpr, HAS_BUDGET: tl.constexpr,
+    KEEP_ALL: tl.constexpr, HAS_BUDGET: tl.constexpr, COUNT_FORCED: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b * Hq + h) * nQ + i
     i = row % n_q_blocks
@@ -50,7 +50,10 @@ def _select_row_kernel(
     s = tl.where(causal, tl.maximum(s, 0.0), 0.0)
     candidate = causal & ~forced
     v = tl.where(candidate, s, 0.0)
-    need = threshold * tl.sum(s, axis=0) - tl.sum(tl.where(forced, s, 0.0), axis=0)
+    if COUNT_FORCED:
+        need = threshold * tl.sum(s, axis=0) - tl.sum(tl.where(forced, s, 0.0), axis=0)
+    else:
+        need = threshold * tl.sum(v, axis=0)
 
     # Smallest bit pattern t with mass(v > t) < need; kept: candidates with v >= t.
     lo = tl.full([], -1, tl.int32)
@@ -125,6 +128,7 @@ def select_and_index_fused(
         BLOCK=layout.block_size, SEGMENT_BLOCKS=layout.segment_size // layout.block_size,
         COLS=triton.next_power_of_2(n_k), BISECT_STEPS=32,
         KEEP_ALL=config.threshold >= 1.0, HAS_BUDGET=config.max_density is not None,
+        COUNT_FORCED=config.threshold_counts_forced,
         num_warps=4,
     )
     return selected.view(torch.bool), (kv_num, kv_idx, full_num, full_idx)
