@@ -113,7 +113,7 @@ def _antidiagonal_kernel(
                     mask=(k_tok < kv_len)[:, None],
                     other=0.0,
                 )
-                acc += tl.dot(q_tile, tl.trans(k_tile))
+                acc = tl.dot(q_tile, tl.trans(k_tile), acc)
             first = tl.load(f_head + slot, mask=slot < kv_end * ROWS, other=2**62)
             visible = first[None, :] <= row_last[:, None]
             logits = tl.where(visible, acc * logit_scale, float("-inf"))
