@@ -189,15 +189,15 @@ def correctness_check(args) -> dict:
         return float((out[:, :, rows].float() - ref).norm() / ref.norm())
 
     result = {"L": length, "rows_checked": int(rows.numel()), "sdpa_bf16": rel(sdpa(q, k, v, scale))}
-    fused = build_plan(q, k, PBSConfig(threshold=0.9, permute="key"))
-    plain = build_plan(q, k, PBSConfig(threshold=0.9, permute="key", backend="torch"))
+    fused = build_plan(q, k, PBSConfig(threshold=0.9, permute="key", segment_size=256))
+    plain = build_plan(q, k, PBSConfig(threshold=0.9, permute="key", segment_size=256, backend="torch"))
     result["fused_vs_torch_plan"] = {
         "key_order_equal_share": float((fused.key_order == plain.key_order).float().mean()),
         "blocks_differing": float((fused.block_mask != plain.block_mask).float().mean()),
         "density": [fused.density, plain.density],
     }
     del fused, plain
-    checks = {"thr=1.0": PBSConfig(threshold=1.0), "thr=1.0 permute=key": PBSConfig(threshold=1.0, permute="key"),
+    checks = {"thr=1.0": PBSConfig(threshold=1.0), "thr=1.0 permute=key": PBSConfig(threshold=1.0, permute="key", segment_size=256),
               "thr=0.9": PBSConfig(threshold=0.9)}
     for name, cfg in checks.items():
         start = time.perf_counter()
@@ -289,10 +289,11 @@ def main(argv=None) -> None:
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--segment-size", type=int, default=256)
-    parser.add_argument("--stride", type=int, default=8)
     defaults = PBSConfig()
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--segment-size", type=int, default=defaults.segment_size,
+                        help="256 or more with --permute key")
+    parser.add_argument("--stride", type=int, default=defaults.stride)
     parser.add_argument("--scoring", default=defaults.scoring)
     parser.add_argument("--permute", default=defaults.permute)
     parser.add_argument("--force-local-blocks", type=int, default=defaults.force_local_blocks)

@@ -32,14 +32,17 @@ class PBSConfig:
     """Configuration of permuted block-sparse attention.
 
     The defaults are the best quality-for-density choice measured on the bundled real model
-    (README, "Quality"): antidiagonal scoring, a forced local window of 4 blocks, and **no**
-    key permutation, which lost whole-sequence perplexity at equal density there. The PBS
-    paper's algorithm is ``scoring="mean", permute="key", force_local_blocks=0``.
+    (README, "Quality"): antidiagonal scoring, a diagonal segment of one block, a forced local
+    window of 4 blocks, and **no** key permutation, which lost whole-sequence perplexity at
+    equal density there. The PBS paper's algorithm is ``scoring="mean", permute="key",
+    segment_size=256, force_local_blocks=0``.
 
     Attributes:
         block_size: tokens per attention block (query and key); the FlexAttention tile.
-        segment_size: keys are sorted only inside complete segments of this many tokens;
-            must be a multiple of ``block_size``.
+        segment_size: keys are sorted only inside complete segments of this many tokens, and
+            the diagonal segment (the query's own) is always computed, token-causally; a
+            multiple of ``block_size``, at least two blocks when keys are permuted (sorting
+            inside one block cannot change which blocks hold the important keys).
         threshold: keep the fewest blocks whose cumulative score reaches this fraction of
             the row total; ``1.0`` keeps every causal block (dense).
         scoring: ``"antidiagonal"`` (XAttention-style strided antidiagonal sums),
@@ -53,7 +56,8 @@ class PBSConfig:
             segment (a local window; it carries the recent context of a segment's first
             queries, which block scores that sum over a whole query block under-serve).
         dense_below: sequences with fewer keys than this run dense attention (sequences
-            of at most ``segment_size`` keys always do: there is nothing to skip).
+            of at most ``segment_size + force_local_blocks * block_size`` keys always do:
+            every causal block is forced, there is nothing to skip).
         max_density: optional per-row budget: at most ``ceil(max_density * causal blocks)``
             blocks are computed per query-block row (forced blocks are never dropped).
         scoring_chunk: query blocks scored at once by the plain-torch antidiagonal path
@@ -71,7 +75,7 @@ class PBSConfig:
     """
 
     block_size: int = 128
-    segment_size: int = 256
+    segment_size: int = 128
     threshold: float = 0.9
     scoring: str = "antidiagonal"
     stride: int = 8
@@ -106,6 +110,12 @@ class PBSConfig:
             raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.permute not in PERMUTES:
             raise ValueError(f"PBSConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
+        if self.permute != "none" and self.segment_size < 2 * self.block_size:
+            raise ValueError(
+                f"PBSConfig(permute={self.permute!r}) needs segment_size >= 2 * block_size "
+                f"(got {self.segment_size} with block_size {self.block_size}): keys sorted inside "
+                f"one block stay in that block; the paper uses segment_size=256 with 128-blocks"
+            )
         for flag in ("force_sink", "scoring_fp8", "threshold_counts_forced"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"PBSConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
@@ -129,5 +139,8 @@ class PBSConfig:
         return PBSConfig.from_dict({**dataclasses.asdict(self), **changes})
 
     def is_dense_for(self, kv_len: int) -> bool:
-        """Whether a sequence of ``kv_len`` keys falls back to dense attention."""
-        return kv_len <= self.segment_size or kv_len < self.dense_below
+        """Whether a sequence of ``kv_len`` keys falls back to dense attention: below
+        ``dense_below``, or when the diagonal segment and the local window already cover every
+        causal block (at most ``segment_size + force_local_blocks * block_size`` keys)."""
+        forced_span = self.segment_size + self.force_local_blocks * self.block_size
+        return kv_len <= forced_span or kv_len < self.dense_below

@@ -3,18 +3,21 @@
 ``dense`` is exact attention (no engine); the others differ in scoring, permutation and the
 forced local window:
 
-==============  ============  =======  ======  ==============================================
-name            scoring       permute  local   what it is
-==============  ============  =======  ======  ==============================================
-``pbs``         antidiagonal  none     4       flex_pbs's default (``PBSConfig()``), measured best
-``pbs_antidiagonal``  antidiagonal  key  0     PBS with XAttention's scoring (the permuted ``xattention``)
-``pbs_mean``    mean          key      0       the PBS-Attn paper
-``xattention``  antidiagonal  none     0       XAttention (block-sparse, no permutation)
-``meanpool``    mean          none     0       mean-pooled block-sparse, no permutation
-==============  ============  =======  ======  ==============================================
+====================  ============  =======  =======  =====  ===========================================
+name                  scoring       permute  segment  local  what it is
+====================  ============  =======  =======  =====  ===========================================
+``pbs``               antidiagonal  none     128      4      flex_pbs's default (``PBSConfig()``), measured best
+``pbs_antidiagonal``  antidiagonal  key      256      0      PBS with XAttention's scoring
+``pbs_mean``          mean          key      256      0      the PBS-Attn paper
+``xattention``        antidiagonal  none     128      0      XAttention (block-sparse, no permutation)
+``meanpool``          mean          none     128      0      mean-pooled block-sparse, no permutation
+====================  ============  =======  =======  =====  ===========================================
 
-``local`` is ``force_local_blocks``. ``xattention`` and ``pbs_antidiagonal`` differ only in
-the permutation; so do ``meanpool`` and ``pbs_mean``.
+``segment`` is ``segment_size`` (128 = the diagonal block alone), ``local`` is
+``force_local_blocks``. The permuted methods sort keys inside 256-token segments, as in the
+paper; ``xattention`` and ``pbs_antidiagonal`` differ in the permutation and the segment (so
+do ``meanpool`` and ``pbs_mean``): ``method.segment_size=256`` gives the unpermuted methods the
+same diagonal segment.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from .config import PBSConfig
 METHODS: dict[str, PBSConfig | None] = {
     "dense": None,
     "pbs": PBSConfig(),
-    "pbs_antidiagonal": PBSConfig(permute="key", force_local_blocks=0),
-    "pbs_mean": PBSConfig(scoring="mean", permute="key", force_local_blocks=0),
+    "pbs_antidiagonal": PBSConfig(permute="key", segment_size=256, force_local_blocks=0),
+    "pbs_mean": PBSConfig(scoring="mean", permute="key", segment_size=256, force_local_blocks=0),
     "xattention": PBSConfig(permute="none", force_local_blocks=0),
     "meanpool": PBSConfig(scoring="mean", permute="none", force_local_blocks=0),
 }

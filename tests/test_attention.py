@@ -16,7 +16,7 @@ def sdpa(q, k, v):
 @pytest.mark.parametrize("permute", ["key", "none"])
 def test_threshold_one_equals_dense_sdpa(length, scoring, permute):
     q, k, v = random_qkv(2, 8, 2, length, 64)
-    cfg = PBSConfig(threshold=1.0, scoring=scoring, permute=permute)
+    cfg = PBSConfig(threshold=1.0, scoring=scoring, permute=permute, segment_size=256)
     out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
     assert not plan.dense and plan.density == 1.0
     assert rel_error(out, sdpa(q, k, v)) < 1e-5
@@ -24,7 +24,7 @@ def test_threshold_one_equals_dense_sdpa(length, scoring, permute):
 
 def test_permutation_really_moves_keys_and_output_stays_in_query_order():
     q, k, v = random_qkv(1, 4, 4, 1024, 32)
-    out, plan = pbs_attention(q, k, v, PBSConfig(threshold=1.0, permute="key"), return_plan=True)
+    out, plan = pbs_attention(q, k, v, PBSConfig(threshold=1.0, permute="key", segment_size=256), return_plan=True)
     assert not torch.equal(plan.key_order[0, 0], torch.arange(1024))
     assert rel_error(out, sdpa(q, k, v)) < 1e-5
 
@@ -64,7 +64,7 @@ def test_chunked_prefill_queries_at_the_end_of_the_keys():
 def test_block_aligned_chunk_equals_the_same_rows_of_a_one_shot_prefill(scoring):
     """Same last query block (same key order) and aligned query blocks: same plan rows."""
     q, k, v = random_qkv(1, 4, 2, 1536, 64)
-    cfg = PBSConfig(threshold=0.7, scoring=scoring, permute="key")
+    cfg = PBSConfig(threshold=0.7, scoring=scoring, permute="key", segment_size=256)
     one_shot, full_plan = pbs_attention(q, k, v, cfg, return_plan=True)
     chunk, plan = pbs_attention(q[:, :, 768:], k, v, cfg, q_offset=768, return_plan=True)
     assert full_plan.density < 1
@@ -85,7 +85,7 @@ def test_short_inputs_fall_back_to_dense():
 
 def test_plan_shapes_and_types():
     q, k, _ = random_qkv(2, 6, 3, 1100, 32)
-    plan = build_plan(q, k, PBSConfig(threshold=0.9, permute="key"))
+    plan = build_plan(q, k, PBSConfig(threshold=0.9, permute="key", segment_size=256))
     assert plan.block_mask.shape == (2, 6, 9, 9) and plan.block_mask.dtype == torch.bool
     assert plan.key_order.shape == (2, 3, 1100) and plan.key_order.dtype == torch.long
     assert plan.block_scores.shape == (2, 6, 9, 9)

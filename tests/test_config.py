@@ -5,7 +5,7 @@ from flex_pbs import PBSConfig
 
 def test_defaults_are_valid():
     cfg = PBSConfig()
-    assert (cfg.block_size, cfg.segment_size, cfg.scoring, cfg.permute) == (128, 256, "antidiagonal", "none")
+    assert (cfg.block_size, cfg.segment_size, cfg.scoring, cfg.permute) == (128, 128, "antidiagonal", "none")
     assert (cfg.threshold, cfg.stride, cfg.force_local_blocks, cfg.force_sink) == (0.9, 8, 4, True)
 
 
@@ -24,6 +24,7 @@ def test_defaults_are_valid():
         ({"max_density": 0.0}, ValueError, "max_density"),
         ({"force_sink": 1}, TypeError, "force_sink"),
         ({"threshold_counts_forced": "no"}, TypeError, "threshold_counts_forced"),
+        ({"permute": "key"}, ValueError, "segment_size >= 2 \* block_size"),
         ({"dense_below": -1}, ValueError, "dense_below"),
     ],
 )
@@ -46,3 +47,11 @@ def test_replace_validates():
 def test_short_inputs_are_dense():
     cfg = PBSConfig(segment_size=256, dense_below=1000)
     assert cfg.is_dense_for(256) and cfg.is_dense_for(999) and not cfg.is_dense_for(1000)
+
+
+def test_inputs_whose_blocks_are_all_forced_run_dense():
+    cfg = PBSConfig()  # diagonal block + 4 local blocks: up to 640 keys every block is forced
+    assert cfg.is_dense_for(640) and not cfg.is_dense_for(641)
+    assert not PBSConfig(force_local_blocks=0).is_dense_for(129)
+    assert PBSConfig(segment_size=256, permute="key", force_local_blocks=0).is_dense_for(256)
+    assert PBSConfig(dense_below=4096).is_dense_for(4095)

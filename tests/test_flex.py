@@ -42,7 +42,7 @@ def test_ten_lengths_compile_once_per_bucket_and_reuse_kernels():
 def test_exhausting_the_recompile_limit_raises_instead_of_running_eager(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(flex, "CPU_MAX_BUCKETS", 2)
-    cfg = PBSConfig(threshold=1.0)
+    cfg = PBSConfig(threshold=1.0, force_local_blocks=0)  # short inputs stay sparse
     for n in (512 + 128, 512 + 256):
         q, k, v = (torch.randn(1, 2, n, 32) for _ in range(3))
         pbs_attention(q, k, v, cfg)
@@ -54,7 +54,7 @@ def test_exhausting_the_recompile_limit_raises_instead_of_running_eager(monkeypa
 
 def test_cpu_inputs_that_need_grad_fail_with_the_fix_named():
     q, k, v = (torch.randn(1, 2, 640, 32) for _ in range(3))
-    cfg = PBSConfig(threshold=0.9, dense_below=0)
+    cfg = PBSConfig(threshold=0.9, force_local_blocks=0)  # 640 tokens: sparse path
     with pytest.raises(NotImplementedError, match="inference_mode"):
         pbs_attention(q.requires_grad_(), k, v, cfg)
     with torch.no_grad():

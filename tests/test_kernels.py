@@ -74,8 +74,8 @@ CHECK = textwrap.dedent(
     from flex_pbs.flex_mask import selection_indices
     from flex_pbs.kernels.selection import select_and_index_fused
     configs = [
-        (1, 4, 2, 1500, 1500, 32, PBSConfig(threshold=0.8, permute="key", force_local_blocks=0)),
-        (2, 3, 1, 1100, 700, 16, PBSConfig(threshold=0.6, permute="key", force_local_blocks=1)),
+        (1, 4, 2, 1500, 1500, 32, PBSConfig(threshold=0.8, permute="key", segment_size=256, force_local_blocks=0)),
+        (2, 3, 1, 1100, 700, 16, PBSConfig(threshold=0.6, permute="key", segment_size=256, force_local_blocks=1)),
         (1, 2, 2, 1300, 1300, 16, PBSConfig(threshold=0.95, max_density=0.3, permute="none")),
         (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=1.0)),
         (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=0.7, force_sink=False, scoring="mean")),
@@ -97,8 +97,8 @@ CHECK = textwrap.dedent(
             assert torch.equal(fused_indices[which][keep], indices[which][keep]), cfg
     # The whole plan with every stage fused equals the plain-torch plan.
     q, k = torch.randn(1, 4, 1024, 32), torch.randn(1, 2, 1024, 32)
-    fused = build_plan(q, k, PBSConfig(threshold=0.8, permute="key", backend="triton"))
-    plain = build_plan(q, k, PBSConfig(threshold=0.8, permute="key", backend="torch"))
+    fused = build_plan(q, k, PBSConfig(threshold=0.8, permute="key", segment_size=256, backend="triton"))
+    plain = build_plan(q, k, PBSConfig(threshold=0.8, permute="key", segment_size=256, backend="torch"))
     assert torch.equal(fused.key_order, plain.key_order)
     assert torch.allclose(fused.block_scores, plain.block_scores, atol=1e-4)
     assert (fused.block_mask != plain.block_mask).float().mean() < 0.01

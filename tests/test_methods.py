@@ -8,11 +8,11 @@ def test_methods_are_configurations_of_one_engine():
     assert method_config("dense") is None
     assert method_config("pbs") == PBSConfig()
     assert method_config("xattention") == PBSConfig(permute="none", force_local_blocks=0)
-    assert method_config("pbs_mean") == PBSConfig(scoring="mean", permute="key", force_local_blocks=0)
+    assert method_config("pbs_mean") == PBSConfig(scoring="mean", permute="key", segment_size=256, force_local_blocks=0)
     assert method_config("meanpool", threshold=0.8) == PBSConfig(
         scoring="mean", permute="none", force_local_blocks=0, threshold=0.8
     )
-    assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key")
+    assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key", segment_size=256)
     assert set(METHODS) == {"dense", "pbs", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
 
 

@@ -7,7 +7,7 @@ from flex_pbs.permutation import key_importance, permute_keys, segment_key_order
 
 def test_key_order_matches_the_paper_reference():
     q, k = torch.randn(1, 2, 1024, 32), torch.randn(1, 2, 1024, 32)
-    plan = build_plan(q, k, PBSConfig(scoring="mean", permute="key", force_local_blocks=0))
+    plan = build_plan(q, k, PBSConfig(scoring="mean", permute="key", segment_size=256, force_local_blocks=0))
     for head in range(2):
         assert torch.equal(plan.key_order[0, head], paper_key_order(q[0, head], k[0, head], 128, 256))
 
@@ -16,7 +16,7 @@ def test_pbs_mean_block_mask_matches_the_paper_reference():
     for force_sink in (False, True):
         torch.manual_seed(1)
         q, k = torch.randn(2, 3, 1024, 32), torch.randn(2, 3, 1024, 32)
-        cfg = PBSConfig(scoring="mean", permute="key", threshold=0.6, force_sink=force_sink, force_local_blocks=0)
+        cfg = PBSConfig(scoring="mean", permute="key", segment_size=256, threshold=0.6, force_sink=force_sink, force_local_blocks=0)
         plan = build_plan(q, k, cfg)
         for b in range(2):
             for h in range(3):

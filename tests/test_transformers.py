@@ -27,11 +27,11 @@ def models(arch, **overrides):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_threshold_one_prefill_logits_equal_sdpa(registered, arch):
     ref, pbs = models(arch)
-    ids = torch.randint(0, 1024, (2, 640))
+    ids = torch.randint(0, 1024, (2, 768))
     with torch.no_grad():
         assert rel_error(pbs(ids).logits, ref(ids).logits) < 1e-4
     stats = flex_pbs.stats(pbs)
-    assert set(stats) == {0, 1} and all(s.path == "pbs" and s.q_len == 640 for s in stats.values())
+    assert set(stats) == {0, 1} and all(s.path == "pbs" and s.q_len == 768 for s in stats.values())
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
