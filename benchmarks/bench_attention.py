@@ -113,7 +113,7 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             permuted = cfg.permute != "none"
             v_perm = permute_keys(v, key_order) if permuted else v  # as pbs_attention does
             scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
-            selected, causal, indices = select_stage(scores, key_order, layout, cfg)
+            selected, indices = select_stage(scores, key_order, layout, cfg)
             mask = build_stage(indices, key_order, layout, permuted)
             stages = {
                 "permute": bench_ms(lambda: (permute_stage(q, k, cfg, scale, 0),
@@ -136,7 +136,7 @@ def run_length(args, length: int, rows: list[dict]) -> None:
                    "attend_vs_ideal": stages["attend"] / (plan.density * sdpa_ms),
                    **{f"{s}_ms": t for s, t in stages.items()}}
             rows.append(row)
-            del out, plan, k_perm, v_perm, scores, selected, causal, indices, mask
+            del out, plan, k_perm, v_perm, scores, selected, indices, mask
             torch.cuda.empty_cache()
     del q, k, v
     torch.cuda.empty_cache()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -30,22 +31,27 @@ class PBSPlan:
     Attributes:
         block_mask: bool ``[B, Hq, nQ, nK]``, True = block computed, permuted key layout.
         key_order: long ``[B, Hkv, Lk]``, original position of each key slot.
-        causal_blocks: bool ``[B, Hkv, nQ, nK]``, blocks holding a key visible to the query
-            block (the denominator of the density).
         block_scores: float32 ``[B, Hq, nQ, nK]`` estimate used for selection (None when dense).
         flex_mask: the BlockMask handed to ``flex_attention`` (None when the input ran dense).
             On CPU it is built at the padded length bucket the kernel runs at.
         layout: block geometry.
         dense: True when the input was short enough to run dense attention.
+
+    ``causal_blocks`` (bool ``[B, Hkv, nQ, nK]``, blocks holding a key visible to the query block:
+    the denominator of the density) is computed on first use: attention does not need it.
     """
 
     block_mask: torch.Tensor
     key_order: torch.Tensor
-    causal_blocks: torch.Tensor
     block_scores: torch.Tensor | None
     flex_mask: BlockMask | None
     layout: BlockLayout
     dense: bool = False
+
+    @cached_property
+    def causal_blocks(self) -> torch.Tensor:
+        """bool ``[B, Hkv, nQ, nK]``: blocks holding at least one key visible to the query block."""
+        return self.layout.causal_blocks(self.key_order)
 
     @property
     def head_density(self) -> torch.Tensor:
@@ -119,12 +125,10 @@ def dense_causal_attention(
 
 def _dense_plan(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> PBSPlan:
     key_order = identity_key_order(k)
-    causal = layout.causal_blocks(key_order)
     group = q.shape[1] // k.shape[1]
     return PBSPlan(
-        block_mask=causal.repeat_interleave(group, dim=1),
+        block_mask=layout.causal_blocks(key_order).repeat_interleave(group, dim=1),
         key_order=key_order,
-        causal_blocks=causal,
         block_scores=None,
         flex_mask=None,
         layout=layout,
@@ -179,15 +183,14 @@ def score_stage(
 
 def select_stage(
     scores: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig
-) -> tuple[torch.Tensor, torch.Tensor, MaskIndices]:
-    """Stage 3: ``(selected bool [B, Hq, nQ, nK], causal bool [B, Hkv, nQ, nK], indices)``,
-    ``indices`` being FlexAttention's block lists of the selection."""
-    causal = layout.causal_blocks(key_order)
+) -> tuple[torch.Tensor, MaskIndices]:
+    """Stage 3: ``(selected bool [B, Hq, nQ, nK], indices)``, ``indices`` being FlexAttention's
+    block lists of the selection."""
     if _fused(scores, config):
         from .kernels.selection import select_and_index_fused
 
-        selected, indices = select_and_index_fused(scores, key_order, layout, config)
-        return selected, causal, indices
+        return select_and_index_fused(scores, key_order, layout, config)
+    causal = layout.causal_blocks(key_order)
     group = scores.shape[1] // key_order.shape[1]
     forced = forced_blocks(key_order, layout, config).expand_as(causal)
     selected = select_blocks(
@@ -198,7 +201,7 @@ def select_stage(
         max_density=config.max_density,
         counts_forced=config.threshold_counts_forced,
     )
-    return selected, causal, selection_indices(selected, layout.diagonal_blocks(scores.device))
+    return selected, selection_indices(selected, layout.diagonal_blocks(scores.device))
 
 
 def build_stage(
@@ -223,9 +226,9 @@ def _plan_with_keys(
         return _dense_plan(q, k, layout), k
     key_order, k_perm = permute_stage(q, k, config, scale, q_offset)
     scores = score_stage(q, k_perm, key_order, layout, config, scale)
-    selected, causal, indices = select_stage(scores, key_order, layout, config)
+    selected, indices = select_stage(scores, key_order, layout, config)
     flex_mask = build_stage(indices, key_order, layout, permuted=config.permute != "none")
-    return PBSPlan(selected, key_order, causal, scores, flex_mask, layout), k_perm
+    return PBSPlan(selected, key_order, scores, flex_mask, layout), k_perm
 
 
 def _default_scale(q: torch.Tensor, scale: float | None) -> float:

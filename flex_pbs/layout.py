@@ -96,5 +96,5 @@ def block_min_position(key_order: torch.Tensor, block_size: int) -> torch.Tensor
     """Smallest original position inside each key block: long ``[B, Hkv, nK]``."""
     batch, heads, kv_len = key_order.shape
     pad = cdiv(kv_len, block_size) * block_size - kv_len
-    padded = torch.nn.functional.pad(key_order, (0, pad), value=PAST_ANY_QUERY)
-    return padded.view(batch, heads, -1, block_size).amin(dim=-1)
+    padded = torch.nn.functional.pad(key_order, (0, pad), value=PAST_ANY_QUERY) if pad else key_order
+    return padded.reshape(batch, heads, -1, block_size).amin(dim=-1)

@@ -87,7 +87,7 @@ CHECK = textwrap.dedent(
         layout = BlockLayout(lq, lk, lk - lq, cfg.block_size, cfg.segment_size)
         order, k_perm = permute_stage(q, k, cfg, d**-0.5, lk - lq)
         scores = score_stage(q, k_perm, order, layout, cfg, d**-0.5)
-        selected, _, indices = select_stage(scores, order, layout, cfg)
+        selected, indices = select_stage(scores, order, layout, cfg)
         fused_selected, fused_indices = select_and_index_fused(scores, order, layout, cfg)
         assert torch.equal(fused_selected, selected), cfg
         counts_ok = torch.equal(fused_indices[0], indices[0]) and torch.equal(fused_indices[2], indices[2])

@@ -32,10 +32,12 @@ def _cast_fp8_kernel(x_ptr, y_ptr, amax_ptr, numel, BLOCK: tl.constexpr):
     tl.store(y_ptr + offsets, (x * scale).to(tl.float8e4nv), mask=offsets < numel)
 
 
-def _abs_max(x: torch.Tensor) -> torch.Tensor:
-    """``max |x|`` as a float32 0-d tensor, without an ``|x|`` temporary."""
-    low, high = torch.aminmax(x)
-    return torch.maximum(-low, high).float()
+def _abs_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``max |x|`` as a float32 0-d tensor (into ``out`` if given): one reduction, no ``|x|``
+    temporary."""
+    if out is None:
+        out = torch.empty((), dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32, out=out)
 
 
 def _to_fp8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -187,8 +189,8 @@ def antidiagonal_block_scores_fused(
     q, k_perm = q.contiguous(), k_perm.contiguous()
     slots = n_k * rows
     pad = slots * stride - kv_len
-    slot_first = torch.nn.functional.pad(key_order, (0, pad), value=1 << 60)
-    slot_first = slot_first.view(batch, kv_heads, slots, stride).amin(-1).contiguous()
+    padded = torch.nn.functional.pad(key_order, (0, pad), value=1 << 60) if pad else key_order
+    slot_first = padded.reshape(batch, kv_heads, slots, stride).amin(-1)
 
     group_pad = triton.next_power_of_2(group)
     q_blocks = max(1, tile_rows // (group_pad * rows))
@@ -205,7 +207,8 @@ def antidiagonal_block_scores_fused(
     out = torch.zeros(batch, q_heads, n_q, n_k, device=q.device, dtype=torch.float32)
     q_in, k_in, amax = q, k_perm, out  # amax is only read in fp8
     if fp8:
-        amax = torch.stack([_abs_max(q), _abs_max(k_perm)])
+        amax = torch.empty(2, dtype=torch.float32, device=q.device)
+        _abs_max(q, amax[0]), _abs_max(k_perm, amax[1])
         q_in, k_in = _to_fp8(q, amax[0:1]), _to_fp8(k_perm, amax[1:2])
     _antidiagonal_kernel[(programs,)](
         q_in, k_in, slot_first, out, scratch, amax,

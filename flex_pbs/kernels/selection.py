@@ -21,12 +21,12 @@ from ..layout import BlockLayout, block_min_position
 
 @triton.jit
 def _select_row_kernel(
-    scores_ptr, block_first_ptr, sink_ptr,
+    scores_ptr, block_first_ptr,
     selected_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
     n_q_blocks, n_kv_blocks, q_heads, group, q_len, q_offset,
     threshold, max_density, force_local,
     BLOCK: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, COLS: tl.constexpr, BISECT_STEPS: tl.constexpr,
-    KEEP_ALL: tl.constexpr, HAS_BUDGET: tl.constexpr, COUNT_FORCED: tl.constexpr,
+    KEEP_ALL: tl.constexpr, HAS_BUDGET: tl.constexpr, COUNT_FORCED: tl.constexpr, FORCE_SINK: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b * Hq + h) * nQ + i
     i = row % n_q_blocks
@@ -43,8 +43,9 @@ def _select_row_kernel(
     block_first = tl.load(block_first_ptr + (b * (q_heads // group) + hkv) * n_kv_blocks + cols, mask=valid, other=2**62)
     causal = valid & (block_first <= last_pos)
     diagonal = causal & (cols >= diag_start) & (cols < diag_stop)
-    sink = tl.load(sink_ptr + b * (q_heads // group) + hkv)
-    forced = diagonal | (causal & (cols == sink)) | (causal & (cols < diag_start) & (cols >= diag_start - force_local))
+    forced = diagonal | (causal & (cols < diag_start) & (cols >= diag_start - force_local))
+    if FORCE_SINK:  # the block holding original token 0 is the one whose smallest position is 0
+        forced = forced | (causal & (block_first == 0))
 
     s = tl.load(scores_ptr + row * n_kv_blocks + cols, mask=valid, other=0.0)
     s = tl.where(causal, tl.maximum(s, 0.0), 0.0)
@@ -111,24 +112,20 @@ def select_and_index_fused(
     group = q_heads // key_order.shape[1]
     scores = scores.contiguous()
     block_first = block_min_position(key_order, layout.block_size).contiguous()
-    if config.force_sink:
-        sink = ((key_order == 0).to(torch.uint8).argmax(dim=-1) // layout.block_size).to(torch.int32)
-    else:
-        sink = torch.full(key_order.shape[:2], -1, dtype=torch.int32, device=scores.device)
     selected = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     kv_idx = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
     full_idx = torch.zeros_like(kv_idx)
     kv_num = torch.empty(batch, q_heads, n_q, dtype=torch.int32, device=scores.device)
     full_num = torch.empty_like(kv_num)
     _select_row_kernel[(batch * q_heads * n_q,)](
-        scores, block_first, sink.contiguous(),
+        scores, block_first,
         selected, kv_num, kv_idx, full_num, full_idx,
         n_q, n_k, q_heads, group, layout.q_len, layout.q_offset,
         float(config.threshold), float(config.max_density or 1.0), config.force_local_blocks,
         BLOCK=layout.block_size, SEGMENT_BLOCKS=layout.segment_size // layout.block_size,
         COLS=triton.next_power_of_2(n_k), BISECT_STEPS=32,
         KEEP_ALL=config.threshold >= 1.0, HAS_BUDGET=config.max_density is not None,
-        COUNT_FORCED=config.threshold_counts_forced,
+        COUNT_FORCED=config.threshold_counts_forced, FORCE_SINK=config.force_sink,
         num_warps=4,
     )
     return selected.view(torch.bool), (kv_num, kv_idx, full_num, full_idx)
