@@ -64,6 +64,24 @@ def fp8_scoring(length: int) -> dict:
             "density": [bf16.density, fp8.density], "ok": cast_equal and differ < 0.05}
 
 
+def shared_index_buffer(length: int) -> dict:
+    """Attention from the fused selection's index lists (overlapping views of one buffer)
+    equals attention from separate torch lists of the same selection."""
+    from flex_pbs.attention import build_stage
+    from flex_pbs.flex import flex_attend
+    from flex_pbs.flex_mask import selection_indices
+
+    q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=4)
+    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    plan = build_plan(q, k, PBSConfig(threshold=0.9))
+    lists = selection_indices(plan.block_mask, plan.layout.diagonal_blocks(q.device))
+    reference = flex_attend(q, k, v, build_stage(lists, plan.key_order, plan.layout, permuted=False), 128**-0.5)
+    out = flex_attend(q, k, v, plan.flex_mask, 128**-0.5)
+    diff = float((out.float() - reference.float()).abs().max())
+    return {"check": f"shared index buffer L={length}", "max_abs_diff": diff,
+            "shared": not plan.flex_mask.kv_indices.is_contiguous(), "ok": diff == 0.0}
+
+
 def fused_vs_torch_plan(length: int) -> dict:
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=1)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
@@ -101,6 +119,7 @@ def main() -> None:
         lambda: exact_vs_sdpa(128, 5000, "auto"),  # ragged length
         lambda: chunked_exact(9000, 3001),
         lambda: fused_vs_torch_plan(16384),
+        lambda: shared_index_buffer(20000),
         lambda: fp8_scoring(16384),
         grad_inputs,
     ]

@@ -102,6 +102,18 @@ CHECK = textwrap.dedent(
     assert torch.equal(fused.key_order, plain.key_order)
     assert torch.allclose(fused.block_scores, plain.block_scores, atol=1e-4)
     assert (fused.block_mask != plain.block_mask).float().mean() < 0.01
+    # Attention from the fused index lists (two overlapping views of one buffer) equals attention
+    # from the torch lists of the same selection.
+    from flex_pbs.attention import build_stage
+    from flex_pbs.flex import flex_attend
+    v = torch.randn(1, 2, 1024, 32)
+    for cfg in (PBSConfig(threshold=0.8, backend="triton"), PBSConfig(threshold=0.7, segment_size=256, backend="triton")):
+        plan = build_plan(q, k, cfg)
+        assert not plan.flex_mask.kv_indices.is_contiguous()  # the shared buffer, not copies
+        torch_lists = selection_indices(plan.block_mask, plan.layout.diagonal_blocks(q.device))
+        reference_mask = build_stage(torch_lists, plan.key_order, plan.layout, permuted=False)
+        out = flex_attend(q, k, v, plan.flex_mask, 32**-0.5)
+        assert torch.equal(out, flex_attend(q, k, v, reference_mask, 32**-0.5)), cfg
     print("ok")
     """
 )
