@@ -92,9 +92,11 @@ class BlockLayout:
         return first_key[:, :, None, :] <= last[None, None, :, None]
 
 
-def block_min_position(key_order: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Smallest original position inside each key block: long ``[B, Hkv, nK]``."""
+def block_min_position(key_order: torch.Tensor, block_size: int, slot_size: int | None = None) -> torch.Tensor:
+    """Smallest original position inside each key block, or inside each slot of ``slot_size``
+    keys (a divisor of ``block_size``; the antidiagonal stride): long ``[B, Hkv, nK]``, or
+    ``[B, Hkv, nK * block_size / slot_size]``. Padding keys count as ``PAST_ANY_QUERY``."""
     batch, heads, kv_len = key_order.shape
     pad = cdiv(kv_len, block_size) * block_size - kv_len
     padded = torch.nn.functional.pad(key_order, (0, pad), value=PAST_ANY_QUERY) if pad else key_order
-    return padded.reshape(batch, heads, -1, block_size).amin(dim=-1)
+    return padded.reshape(batch, heads, -1, slot_size or block_size).amin(dim=-1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PBSConfig
-from .layout import PAST_ANY_QUERY, BlockLayout, cdiv
+from .layout import PAST_ANY_QUERY, BlockLayout, block_min_position, cdiv
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -87,8 +87,7 @@ def antidiagonal_block_scores(
     # [B, Hkv, S*D, K]: each key slot with its S keys in order.
     k_slots = _pad_to(k_perm, n_k * bs).reshape(batch, kv_heads, n_k * rows_per_block, stride * dim)
     k_slots = k_slots.transpose(-1, -2)
-    slot_first = F.pad(key_order, (0, n_k * bs - layout.kv_len), value=PAST_ANY_QUERY)
-    slot_first = slot_first.view(batch, kv_heads, -1, stride).amin(dim=-1)[:, :, None, None, :]
+    slot_first = block_min_position(key_order, bs, stride)[:, :, None, None, :]
     row_start = torch.arange(n_q * rows_per_block, device=q.device) * stride
     row_last = torch.clamp(row_start + stride - 1, max=q_len - 1) + layout.q_offset
     row_valid = row_start < q_len

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import BlockLayout
+from ..layout import BlockLayout, block_min_position
 
 _LOG2E = 1.4426950408889634
 # Scaled fp8 values stay within ±240, below e4m3's 448 so that rounding cannot overflow.
@@ -187,10 +187,7 @@ def antidiagonal_block_scores_fused(
     rows = layout.block_size // stride
     n_q, n_k = layout.num_q_blocks, layout.num_kv_blocks
     q, k_perm = q.contiguous(), k_perm.contiguous()
-    slots = n_k * rows
-    pad = slots * stride - kv_len
-    padded = torch.nn.functional.pad(key_order, (0, pad), value=1 << 60) if pad else key_order
-    slot_first = padded.reshape(batch, kv_heads, slots, stride).amin(-1)
+    slot_first = block_min_position(key_order, layout.block_size, stride)
 
     group_pad = triton.next_power_of_2(group)
     q_blocks = max(1, tile_rows // (group_pad * rows))
