@@ -207,8 +207,8 @@ def correctness_check(args) -> dict:
     return result
 
 
-SCORER_CONFIGS = [  # (tile_rows, tile_slots, num_warps, num_stages, fp8); more were tried: NOTES.md
-    (128, 128, 8, 3, False), (128, 128, 8, 4, True), (128, 128, 8, 5, True), (128, 128, 8, 6, True),
+SCORER_CONFIGS = [  # (tile_slots, num_warps, num_stages, fp8); more were tried: NOTES.md
+    (128, 8, 3, False), (256, 8, 2, False), (128, 8, 4, True), (256, 8, 3, True), (256, 8, 4, True),
 ]
 # None: flex_pbs's default_kernel_options; {}: FlexAttention's own defaults. Others tried: NOTES.md.
 FLEX_OPTIONS = [None, {}]
@@ -227,9 +227,9 @@ def tune(args) -> list[dict]:
         key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
         sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
         reference = None
-        for tile_rows, tile_slots, warps, stages, fp8 in SCORER_CONFIGS:
-            name = f"score rows={tile_rows} slots={tile_slots} warps={warps} stages={stages} fp8={fp8}"
-            kwargs = dict(tile_rows=tile_rows, tile_slots=tile_slots, num_warps=warps, num_stages=stages, fp8=fp8)
+        for tile_slots, warps, stages, fp8 in SCORER_CONFIGS:
+            name = f"score slots={tile_slots} warps={warps} stages={stages} fp8={fp8}"
+            kwargs = dict(tile_slots=tile_slots, num_warps=warps, num_stages=stages, fp8=fp8)
             try:
                 def run():
                     return antidiagonal_block_scores_fused(q, k_perm, key_order, layout, args.stride, scale, **kwargs)

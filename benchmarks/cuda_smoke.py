@@ -92,6 +92,26 @@ def fused_vs_torch_plan(length: int) -> dict:
             "density": [fused.density, plain.density], "ok": differ < 0.01}
 
 
+def fused_scores_vs_torch(dtype: torch.dtype) -> dict:
+    """The fused scorer against the plain-torch one (fp32 arithmetic) on permuted keys, chunked
+    prefill and lengths that are not a multiple of the stride (zero-padded rows)."""
+    from flex_pbs.kernels.antidiagonal import antidiagonal_block_scores_fused
+    from flex_pbs.layout import BlockLayout
+    from flex_pbs.permutation import key_importance, permute_keys, segment_key_order
+    from flex_pbs.scoring import antidiagonal_block_scores
+
+    q, k, _ = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=9003, head_dim=128, seed=5)
+    q, k = q[:, :, -5001:].cuda().to(dtype), k.cuda().to(dtype)
+    offset = k.shape[2] - q.shape[2]
+    order = segment_key_order(key_importance(q.float(), k.float(), 128, 128**-0.5, offset), 256)
+    k_perm = permute_keys(k, order)
+    layout = BlockLayout(q.shape[2], k.shape[2], offset, 128, 256)
+    ref = antidiagonal_block_scores(q.float(), k_perm.float(), order, layout, 8, 128**-0.5)
+    out = antidiagonal_block_scores_fused(q.transpose(1, 2).contiguous().transpose(1, 2), k_perm, order, layout, 8, 128**-0.5)
+    err = float((out - ref).abs().max())
+    return {"check": f"fused scores vs torch {dtype}", "max_abs_diff": err, "ok": err < (1e-3 if dtype == torch.float32 else 2e-2)}
+
+
 def grad_inputs() -> dict:
     """Inference only: inputs that need grad fail with a message naming the fix; under no_grad
     they run."""
@@ -121,6 +141,8 @@ def main() -> None:
         lambda: fused_vs_torch_plan(16384),
         lambda: shared_index_buffer(20000),
         lambda: fp8_scoring(16384),
+        lambda: fused_scores_vs_torch(torch.float32),
+        lambda: fused_scores_vs_torch(torch.bfloat16),
         grad_inputs,
     ]
     results = []

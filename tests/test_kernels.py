@@ -28,6 +28,7 @@ CHECK = textwrap.dedent(
         (1, 4, 1, 1024, 1024, 32, 128, 8, 256, torch.float32),
         (2, 3, 1, 1000, 1000, 16, 64, 4, 128, torch.float32),   # GQA group of 3 (padded), ragged L
         (1, 2, 2, 1100, 800, 16, 128, 8, 256, torch.float32),   # chunked prefill (q_offset 300)
+        (1, 2, 1, 1003, 1003, 16, 64, 8, 128, torch.float32),   # lengths not a multiple of the stride
         (1, 8, 2, 768, 768, 64, 128, 16, 384, torch.float16),
     ]
     for b, hq, hkv, lk, lq, d, bs, s, seg, dtype in cases:
@@ -58,6 +59,12 @@ CHECK = textwrap.dedent(
         ref = antidiagonal_block_scores(q8, k8, order, layout, s, d**-0.5)
         out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, fp8=True)
         assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()
+        # The cast reads strided inputs (transformers hands over [B, L, H, D] transposed) and
+        # pads the length with zero rows.
+        strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+        padded = _to_fp8(strided, amax_q, 48)
+        assert padded.shape[2] % 48 == 0 and not padded[:, :, lq:].float().any()
+        assert torch.equal(padded[:, :, :lq].float(), _to_fp8(q, amax_q).float())
         exact = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5)
         assert (out - exact).abs().max() < 0.1, (out - exact).abs().max()
     # Importance: two-pass kernel equals the materialised softmax.

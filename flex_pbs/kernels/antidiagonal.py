@@ -1,35 +1,54 @@
 """Fused antidiagonal block scoring in Triton: strided GEMM + online softmax + block sums.
 
 Computes the same function as :func:`flex_pbs.scoring.antidiagonal_block_scores` in one pass
-over the keys, without the ``(L/S)²`` score matrix: each program owns the strided rows of one
-GQA group (all query heads sharing a KV head, so every key tile is loaded once for the group)
-and a few query blocks, walks the visible key tiles with an online softmax and writes, per row
-and key block, ``log2 Σ exp2(logits)`` to a small scratch buffer; once the row's normaliser is
-known, it sums ``exp2(block_lse - row_lse)`` over the rows of each query block. The grid is
-persistent (about two programs per SM, longest query tiles first) so the scratch stays at
-``programs × rows × nK`` floats instead of growing with the sequence.
+over the keys, without the ``(L/S)²`` score matrix. Viewed as ``[L/S, S·D]`` (each row the
+``S`` consecutive tokens of one stride slot), Q and K make the antidiagonal sum a plain GEMM
+whose inner dimension runs over the slot's tokens backwards for Q: chunk ``t`` of a key row
+pairs with chunk ``S-1-t`` of a query row. Both are read with tensor descriptors (TMA on
+Hopper), one ``[rows, D]`` chunk at a time, in a single flattened loop over (key tile, chunk)
+so that loads stay pipelined across key tiles. Each program owns 128 strided query rows of one
+head, keeps an online softmax per row, writes ``log2 Σ exp2(logits)`` per row and key block to
+a small scratch buffer, and once the row's normaliser is known sums ``exp2(block_lse - row_lse)``
+over the rows of each query block. The grid is persistent (one program per SM, longest query
+tiles first), so the scratch is ``programs × rows × nK`` floats whatever the length.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..layout import BlockLayout, block_min_position
 
 _LOG2E = 1.4426950408889634
 # Scaled fp8 values stay within ±240, below e4m3's 448 so that rounding cannot overflow.
 _FP8_RANGE = tl.constexpr(240.0)
+_NOT_VISIBLE_POSITION = tl.constexpr(2**31 - 1)  # int32 slot position past any query
+_TILE_ROWS = 128  # strided query rows per program
 
 
 @triton.jit
-def _cast_fp8_kernel(x_ptr, y_ptr, amax_ptr, numel, BLOCK: tl.constexpr):
-    """``y = x * 240 / amax`` in float8 e4m3, one pass, with ``amax`` read on the device."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _cast_fp8_kernel(
+    x_ptr, y_ptr, amax_ptr, stride_b, stride_h, stride_l, heads, length, padded_length,
+    ROWS: tl.constexpr, DIM: tl.constexpr,
+):
+    """``y[b, h, l] = x[b, h, l] * 240 / amax`` in float8 e4m3 (``amax`` read on the device),
+    zero for ``length <= l < padded_length``; ``x`` strided, ``y`` contiguous."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, DIM)
     scale = _FP8_RANGE / tl.maximum(tl.load(amax_ptr), 1e-6)
-    x = tl.load(x_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offsets, (x * scale).to(tl.float8e4nv), mask=offsets < numel)
+    source = x_ptr + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    x = tl.load(
+        source + rows.to(tl.int64)[:, None] * stride_l + cols[None, :],
+        mask=(rows < length)[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    target = y_ptr + (bh.to(tl.int64) * padded_length + rows)[:, None] * DIM + cols[None, :]
+    tl.store(target, (x * scale).to(tl.float8e4nv), mask=(rows < padded_length)[:, None])
 
 
 def _abs_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,29 +59,46 @@ def _abs_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32, out=out)
 
 
-def _to_fp8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """Contiguous ``x`` scaled by ``240 / amax`` into float8 e4m3 (``amax``: one float32)."""
-    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    block = 4096
-    _cast_fp8_kernel[(triton.cdiv(x.numel(), block),)](x, out, amax, x.numel(), BLOCK=block)
+def _to_fp8(x: torch.Tensor, amax: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """``x [B, H, L, D]`` (any strides, contiguous last dim) scaled by ``240 / amax`` into a
+    contiguous float8 e4m3 ``[B, H, L', D]``, ``L'`` rounded up to ``multiple`` with zero rows
+    (``amax``: one float32 on the device)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    batch, heads, length, dim = x.shape
+    padded = -(-length // multiple) * multiple
+    out = torch.empty(batch, heads, padded, dim, dtype=torch.float8_e4m3fn, device=x.device)
+    rows = max(1, 4096 // dim)
+    grid = (triton.cdiv(padded, rows), batch * heads)
+    _cast_fp8_kernel[grid](
+        x, out, amax, x.stride(0), x.stride(1), x.stride(2), heads, length, padded, ROWS=rows, DIM=dim
+    )
     return out
+
+
+def _padded_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Contiguous, 16-byte aligned ``x [B, H, L, D]`` (what a tensor descriptor needs) with
+    ``L`` rounded up to ``multiple`` by zero rows."""
+    pad = -x.shape[2] % multiple
+    if pad:
+        return F.pad(x, (0, 0, 0, pad))
+    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
 
 
 @triton.jit
 def _antidiagonal_kernel(
-    q_ptr, k_ptr, slot_first_ptr, out_ptr, scratch_ptr, amax_ptr,
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
+    q_desc, k_desc, slot_first_ptr, out_ptr, scratch_ptr, amax_ptr,
     stride_fb, stride_fh,
     stride_ob, stride_oh, stride_oq,
-    q_len, kv_len, q_offset, n_q_blocks, n_kv_blocks, n_kv_heads, n_heads_total, n_q_tiles, n_programs,
+    q_len, q_offset, n_q_blocks, n_kv_blocks, q_heads, kv_heads, n_q_tiles, heads_total, n_programs,
+    q_rows_per_head, k_rows_per_head,
     logit_scale,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_BLOCKS: tl.constexpr, ROWS: tl.constexpr,
-    STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_BLOCKS: tl.constexpr,
-    SEGMENT_BLOCKS: tl.constexpr, SCRATCH_COLS: tl.constexpr, FP8: tl.constexpr,
+    Q_BLOCKS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, SCRATCH_COLS: tl.constexpr,
+    FP8: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK: tl.constexpr = ROWS * STRIDE
-    M: tl.constexpr = GROUP_PAD * Q_BLOCKS * ROWS
+    M: tl.constexpr = Q_BLOCKS * ROWS
     N: tl.constexpr = TILE_BLOCKS * ROWS
     pid = tl.program_id(0)
     if FP8:  # undo the per-tensor scales of _cast_fp8_kernel (read on device: no host sync)
@@ -70,87 +106,86 @@ def _antidiagonal_kernel(
         logit_scale = logit_scale * (tl.maximum(tl.load(amax_ptr + 1), 1e-6) / _FP8_RANGE)
 
     m_idx = tl.arange(0, M)
-    g = m_idx // (Q_BLOCKS * ROWS)
-    qb = (m_idx // ROWS) % Q_BLOCKS
-    r = m_idx % ROWS
     n_idx = tl.arange(0, N)
-    d_idx = tl.arange(0, HEAD_DIM)
     c_idx = tl.arange(0, TILE_BLOCKS)
-    out_rows = tl.arange(0, GROUP_PAD * Q_BLOCKS)
+    out_blocks = tl.arange(0, Q_BLOCKS)
     scratch_base = scratch_ptr + pid * M * SCRATCH_COLS
 
-    # Work items run longest first: query tile (descending) major, (batch, KV head) minor.
-    for item in tl.range(pid, n_q_tiles * n_heads_total, n_programs):
-        tile = n_q_tiles - 1 - item // n_heads_total
-        bh = item % n_heads_total
-        b = bh // n_kv_heads
-        hkv = bh % n_kv_heads
+    # Work items run longest first: query tile (descending) major, (batch, head) minor, so the
+    # query heads sharing a KV head run together and read its key tiles from L2.
+    for item in tl.range(pid, n_q_tiles * heads_total, n_programs):
+        tile = n_q_tiles - 1 - item // heads_total
+        bh = item % heads_total
+        b = bh // q_heads
+        kv_head = b * kv_heads + (bh % q_heads) // (q_heads // kv_heads)
         first_block = tile * Q_BLOCKS
 
-        row_start = (first_block + qb) * BLOCK + r * STRIDE
-        row_valid = (g < GROUP) & (row_start < q_len) & (first_block + qb < n_q_blocks)
+        row_start = first_block * BLOCK + m_idx * STRIDE
+        row_valid = row_start < q_len
         row_last = tl.minimum(row_start + STRIDE - 1, q_len - 1) + q_offset
-        q_rows = q_ptr + b * stride_qb + (hkv * GROUP + g) * stride_qh
         last_pos = tl.minimum((first_block + Q_BLOCKS) * BLOCK, q_len) - 1 + q_offset
         kv_end = tl.minimum(n_kv_blocks, (last_pos // (SEGMENT_BLOCKS * BLOCK) + 1) * SEGMENT_BLOCKS)
-        k_head = k_ptr + b * stride_kb + hkv * stride_kh
-        f_head = slot_first_ptr + b * stride_fb + hkv * stride_fh
+        # Key blocks before the first query block's diagonal segment are visible to every row.
+        all_visible = ((first_block * BLOCK + q_offset) // (SEGMENT_BLOCKS * BLOCK)) * SEGMENT_BLOCKS
+        q_row = bh * q_rows_per_head + tile * M
+        k_row = kv_head * k_rows_per_head
+        f_head = slot_first_ptr + (kv_head // kv_heads) * stride_fb + (kv_head % kv_heads) * stride_fh
 
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, N], tl.float32)
         tl.debug_barrier()
-        for j0 in range(0, kv_end, TILE_BLOCKS):
-            slot = j0 * ROWS + n_idx
-            acc = tl.zeros([M, N], tl.float32)
-            for t in range(STRIDE):
-                q_tok = row_start + STRIDE - 1 - t
-                q_tile = tl.load(
-                    q_rows[:, None] + q_tok[:, None] * stride_ql + d_idx[None, :],
-                    mask=(row_valid & (q_tok < q_len))[:, None],
-                    other=0.0,
+        # One loop over (key tile, chunk): the loads stay pipelined across key tiles.
+        for step in range(0, tl.cdiv(kv_end, TILE_BLOCKS) * STRIDE):
+            t = step % STRIDE
+            j0 = (step // STRIDE) * TILE_BLOCKS
+            q_chunk = q_desc.load([q_row, (STRIDE - 1 - t) * HEAD_DIM])
+            k_chunk = k_desc.load([k_row + j0 * ROWS, t * HEAD_DIM])
+            acc = tl.dot(q_chunk, tl.trans(k_chunk), acc, input_precision=PRECISION)
+            if t == STRIDE - 1:
+                logits = acc * logit_scale
+                if j0 + TILE_BLOCKS > all_visible:  # near the diagonal: compare positions
+                    slot = j0 * ROWS + n_idx
+                    first = tl.load(f_head + slot, mask=slot < kv_end * ROWS, other=_NOT_VISIBLE_POSITION)
+                    logits = tl.where(first[None, :] <= row_last[:, None], logits, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(logits - m_safe[:, None])
+                block_sums = tl.sum(tl.reshape(p, (M, TILE_BLOCKS, ROWS)), axis=2)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(block_sums, axis=1)
+                m_i = m_new
+                tl.store(
+                    scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :],
+                    m_safe[:, None] + tl.log2(block_sums),
                 )
-                k_tok = slot * STRIDE + t
-                k_tile = tl.load(
-                    k_head + k_tok[:, None] * stride_kl + d_idx[None, :],
-                    mask=(k_tok < kv_len)[:, None],
-                    other=0.0,
-                )
-                acc = tl.dot(q_tile, tl.trans(k_tile), acc)
-            first = tl.load(f_head + slot, mask=slot < kv_end * ROWS, other=2**62)
-            visible = first[None, :] <= row_last[:, None]
-            logits = tl.where(visible, acc * logit_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(logits - m_safe[:, None])
-            block_sums = tl.sum(tl.reshape(p, (M, TILE_BLOCKS, ROWS)), axis=2)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(block_sums, axis=1)
-            m_i = m_new
-            tl.store(
-                scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :],
-                m_safe[:, None] + tl.log2(block_sums),
-            )
+                acc = tl.zeros([M, N], tl.float32)
         row_lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
         tl.debug_barrier()
+        out_q = first_block + out_blocks
+        out_head = out_ptr + b * stride_ob + (bh % q_heads) * stride_oh
         for j0 in range(0, kv_end, TILE_BLOCKS):
             lse = tl.load(scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
             probs = tl.where(row_valid[:, None], tl.exp2(lse - row_lse[:, None]), 0.0)
-            scores = tl.sum(tl.reshape(probs, (GROUP_PAD * Q_BLOCKS, ROWS, TILE_BLOCKS)), axis=1)
-            out_g = out_rows // Q_BLOCKS
-            out_q = first_block + out_rows % Q_BLOCKS
+            scores = tl.sum(tl.reshape(probs, (Q_BLOCKS, ROWS, TILE_BLOCKS)), axis=1)
             cols = j0 + c_idx
             tl.store(
-                out_ptr + b * stride_ob + (hkv * GROUP + out_g)[:, None] * stride_oh
-                + out_q[:, None] * stride_oq + cols[None, :],
+                out_head + out_q[:, None] * stride_oq + cols[None, :],
                 scores,
-                mask=((out_g < GROUP) & (out_q < n_q_blocks))[:, None] & (cols < kv_end)[None, :],
+                mask=(out_q < n_q_blocks)[:, None] & (cols < kv_end)[None, :],
             )
 
 
 def supports(q: torch.Tensor, block_size: int, stride: int) -> bool:
-    """Whether the fused kernel handles this shape (power-of-two tiles, contiguous head dim)."""
+    """Whether the fused kernel handles this shape (power-of-two tiles of at most 256 rows)."""
     rows = block_size // stride
     dim = q.shape[-1]
-    return rows >= 4 and rows & (rows - 1) == 0 and dim >= 16 and dim & (dim - 1) == 0
+    return 4 <= rows <= 256 and rows & (rows - 1) == 0 and dim >= 16 and dim & (dim - 1) == 0
+
+
+def _launch_options(itemsize: int) -> tuple[int, int, int]:
+    """``(key slots per tile, warps, stages)`` for operands of ``itemsize`` bytes: the fastest
+    measured on Hopper (NOTES.md), shrunk for fp32 to fit shared memory."""
+    return {1: (256, 8, 3), 2: (256, 8, 2)}.get(itemsize, (64, 8, 2))
 
 
 def antidiagonal_block_scores_fused(
@@ -161,9 +196,8 @@ def antidiagonal_block_scores_fused(
     stride: int,
     scale: float,
     *,
-    tile_rows: int = 128,
-    tile_slots: int = 128,
-    num_warps: int = 8,
+    tile_slots: int | None = None,
+    num_warps: int | None = None,
     num_stages: int | None = None,
     fp8: bool = False,
 ) -> torch.Tensor:
@@ -172,9 +206,8 @@ def antidiagonal_block_scores_fused(
     Args:
         q: ``[B, Hq, Lq, D]``; k_perm: ``[B, Hkv, Lk, D]`` (permuted layout);
         key_order: long ``[B, Hkv, Lk]``.
-        tile_rows: strided query rows per program (the GQA group's heads × query blocks);
-        tile_slots: key slots per inner step; num_warps, num_stages: Triton launch options
-            (default stages: 3 in bf16, 5 in fp8, the fastest measured on an H100: NOTES.md).
+        tile_slots, num_warps, num_stages: key slots per tile and Triton launch options
+            (default: :func:`_launch_options` of the operand dtype).
         fp8: multiply in float8 e4m3 (Hopper): Q and K are converted once, in one pass each,
             with per-tensor scales to ``±240`` that the kernel reads on the device.
 
@@ -182,43 +215,43 @@ def antidiagonal_block_scores_fused(
         float32 ``[B, Hq, nQ, nK]``.
     """
     batch, q_heads, q_len, dim = q.shape
-    kv_heads, kv_len = k_perm.shape[1], k_perm.shape[2]
-    group = q_heads // kv_heads
+    kv_heads = k_perm.shape[1]
     rows = layout.block_size // stride
     n_q, n_k = layout.num_q_blocks, layout.num_kv_blocks
-    q, k_perm = q.contiguous(), k_perm.contiguous()
-    slot_first = block_min_position(key_order, layout.block_size, stride)
-
-    group_pad = triton.next_power_of_2(group)
-    q_blocks = max(1, tile_rows // (group_pad * rows))
+    slots, warps, stages = _launch_options(1 if fp8 else q.element_size())
+    tile_slots, num_warps, num_stages = tile_slots or slots, num_warps or warps, num_stages or stages
+    q_blocks = max(1, _TILE_ROWS // rows)
     tile_blocks = max(1, tile_slots // rows)
     n_q_tiles = triton.cdiv(n_q, q_blocks)
-    n_items = n_q_tiles * batch * kv_heads
     scratch_cols = triton.cdiv(n_k, tile_blocks) * tile_blocks
-    if q.is_cuda:
-        programs = min(n_items, 2 * torch.cuda.get_device_properties(q.device).multi_processor_count)
-    else:
-        programs = min(n_items, 4)
-    m = group_pad * q_blocks * rows
-    scratch = torch.empty(programs, m, scratch_cols, device=q.device, dtype=torch.float32)
+    # Positions fit int32 (half the registers of int64 in the kernel's visibility test).
+    slot_first = block_min_position(key_order, layout.block_size, stride).clamp_(max=2**31 - 1).int()
     out = torch.zeros(batch, q_heads, n_q, n_k, device=q.device, dtype=torch.float32)
-    q_in, k_in, amax = q, k_perm, out  # amax is only read in fp8
+    amax = out  # only read in fp8
     if fp8:
         amax = torch.empty(2, dtype=torch.float32, device=q.device)
         _abs_max(q, amax[0]), _abs_max(k_perm, amax[1])
-        q_in, k_in = _to_fp8(q, amax[0:1]), _to_fp8(k_perm, amax[1:2])
+        q_in, k_in = _to_fp8(q, amax[0:1], stride), _to_fp8(k_perm, amax[1:2], stride)
+    else:
+        q_in, k_in = _padded_rows(q, stride), _padded_rows(k_perm, stride)
+    # [B, H, L, D] -> [B·H·L/S, S·D]: row i of a head holds the tokens of stride slot i.
+    q_desc = TensorDescriptor.from_tensor(q_in.view(-1, stride * dim), [q_blocks * rows, dim])
+    k_desc = TensorDescriptor.from_tensor(k_in.view(-1, stride * dim), [tile_blocks * rows, dim])
+    n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    programs = min(n_q_tiles * batch * q_heads, n_sms)
+    scratch = torch.empty(programs, q_blocks * rows, scratch_cols, device=q.device, dtype=torch.float32)
     _antidiagonal_kernel[(programs,)](
-        q_in, k_in, slot_first, out, scratch, amax,
-        q_in.stride(0), q_in.stride(1), q_in.stride(2),
-        k_in.stride(0), k_in.stride(1), k_in.stride(2),
+        q_desc, k_desc, slot_first, out, scratch, amax,
         slot_first.stride(0), slot_first.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        q_len, kv_len, layout.q_offset, n_q, n_k, kv_heads, batch * kv_heads, n_q_tiles, programs,
+        q_len, layout.q_offset, n_q, n_k, q_heads, kv_heads, n_q_tiles, batch * q_heads, programs,
+        q_in.shape[2] // stride, k_in.shape[2] // stride,
         scale / stride * _LOG2E,
-        GROUP=group, GROUP_PAD=group_pad, Q_BLOCKS=q_blocks, ROWS=rows, STRIDE=stride,
-        HEAD_DIM=dim, TILE_BLOCKS=tile_blocks,
+        Q_BLOCKS=q_blocks, ROWS=rows, STRIDE=stride, HEAD_DIM=dim, TILE_BLOCKS=tile_blocks,
         SEGMENT_BLOCKS=layout.segment_size // layout.block_size, SCRATCH_COLS=scratch_cols, FP8=fp8,
-        num_warps=num_warps, num_stages=num_stages or (5 if fp8 else 3),
+        # fp32 operands: three tf32 products (fp32 accuracy on tensor cores); plain tf32's
+        # 10-bit mantissa moves the scores by ~1e-2
+        PRECISION="tf32x3" if q_in.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
-
