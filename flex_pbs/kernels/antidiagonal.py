@@ -162,7 +162,8 @@ def _antidiagonal_kernel(
         row_lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
         tl.debug_barrier()
         out_q = first_block + out_blocks
-        out_head = out_ptr + b * stride_ob + (bh % q_heads) * stride_oh
+        # 64-bit offsets: long batches hold more than 2**31 scores
+        out_head = out_ptr + b.to(tl.int64) * stride_ob + (bh % q_heads).to(tl.int64) * stride_oh
         for j0 in range(0, kv_end, TILE_BLOCKS):
             lse = tl.load(scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
             probs = tl.where(row_valid[:, None], tl.exp2(lse - row_lse[:, None]), 0.0)
