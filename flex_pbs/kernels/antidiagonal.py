@@ -26,7 +26,8 @@ from ..layout import BlockLayout, block_min_position
 _LOG2E = 1.4426950408889634
 # Scaled fp8 values stay within ±240, below e4m3's 448 so that rounding cannot overflow.
 _FP8_RANGE = tl.constexpr(240.0)
-_NOT_VISIBLE_POSITION = tl.constexpr(2**31 - 1)  # int32 slot position past any query
+_INT32_MAX = 2**31 - 1
+_NOT_VISIBLE_POSITION = tl.constexpr(_INT32_MAX)  # int32 slot position past any query
 _TILE_ROWS = 128  # strided query rows per program
 
 
@@ -117,7 +118,8 @@ def _antidiagonal_kernel(
         tile = n_q_tiles - 1 - item // heads_total
         bh = item % heads_total
         b = bh // q_heads
-        kv_head = b * kv_heads + (bh % q_heads) // (q_heads // kv_heads)
+        h = bh % q_heads
+        h_kv = h // (q_heads // kv_heads)
         first_block = tile * Q_BLOCKS
 
         row_start = first_block * BLOCK + m_idx * STRIDE
@@ -128,8 +130,8 @@ def _antidiagonal_kernel(
         # Key blocks before the first query block's diagonal segment are visible to every row.
         all_visible = ((first_block * BLOCK + q_offset) // (SEGMENT_BLOCKS * BLOCK)) * SEGMENT_BLOCKS
         q_row = bh * q_rows_per_head + tile * M
-        k_row = kv_head * k_rows_per_head
-        f_head = slot_first_ptr + (kv_head // kv_heads) * stride_fb + (kv_head % kv_heads) * stride_fh
+        k_row = (b * kv_heads + h_kv) * k_rows_per_head
+        f_head = slot_first_ptr + b * stride_fb + h_kv * stride_fh
 
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
@@ -163,7 +165,7 @@ def _antidiagonal_kernel(
         tl.debug_barrier()
         out_q = first_block + out_blocks
         # 64-bit offsets: long batches hold more than 2**31 scores
-        out_head = out_ptr + b.to(tl.int64) * stride_ob + (bh % q_heads).to(tl.int64) * stride_oh
+        out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         for j0 in range(0, kv_end, TILE_BLOCKS):
             lse = tl.load(scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
             probs = tl.where(row_valid[:, None], tl.exp2(lse - row_lse[:, None]), 0.0)
@@ -226,7 +228,7 @@ def antidiagonal_block_scores_fused(
     n_q_tiles = triton.cdiv(n_q, q_blocks)
     scratch_cols = triton.cdiv(n_k, tile_blocks) * tile_blocks
     # Positions fit int32 (half the registers of int64 in the kernel's visibility test).
-    slot_first = block_min_position(key_order, layout.block_size, stride).clamp_(max=2**31 - 1).int()
+    slot_first = block_min_position(key_order, layout.block_size, stride).clamp_(max=_INT32_MAX).int()
     out = torch.zeros(batch, q_heads, n_q, n_k, device=q.device, dtype=torch.float32)
     amax = out  # only read in fp8
     if fp8:
