@@ -7,7 +7,10 @@ on the GPU; only the last position's logits are computed (as in generation).
 
     python benchmarks/bench_prefill.py --lengths 32768 65536 131072 --layers 2
 
-Writes ``--out`` (JSON) and prints a table. Needs CUDA; no Hydra.
+Writes ``--out`` (JSON) and prints a table. Needs CUDA; no Hydra. ``--profile`` instead runs one
+prefill per method under ``torch.profiler`` at the first length (first max density and variant)
+and prints and writes (``--out``) the GPU time per kernel, to see where the time between the
+attention benchmark and end-to-end prefill goes.
 """
 
 from __future__ import annotations
@@ -62,6 +65,42 @@ def check_exact(model, length: int = 4096) -> float:
     return float((outs["flex_pbs"] - outs["sdpa"]).norm() / outs["sdpa"].norm())
 
 
+def pbs_config(threshold: float, cap: float, variant: str) -> PBSConfig:
+    """The engine config of one sparse row; ``variant`` is ``stride:precision``."""
+    stride, precision = variant.split(":")
+    return PBSConfig(threshold=threshold, max_density=cap, stride=int(stride), scoring_fp8=precision == "fp8")
+
+
+def kernel_times(model, ids: torch.Tensor) -> list[dict[str, float | str | int]]:
+    """GPU time per kernel name of one (warmed-up) prefill, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prefill_ms(model, ids, 1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill_ms(model, ids, 1)
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals.setdefault(event.name, []).append(event.device_time / 1e3)
+    rows = [{"kernel": name, "ms": sum(t), "calls": len(t)} for name, t in totals.items()]
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
+def profile_methods(model, args) -> dict[str, list[dict[str, float | str | int]]]:
+    """Per-kernel GPU time of sdpa and of one flex_pbs row at the first length."""
+    ids = torch.randint(0, model.config.vocab_size, (1, args.lengths[0]), device="cuda")
+    flex_pbs.register(pbs_config(args.threshold, args.max_densities[0], args.variants[0]), overwrite=True)
+    tables = {}
+    for impl in ("sdpa", "flex_pbs"):
+        model.set_attn_implementation(impl)
+        tables[impl] = kernel_times(model, ids)
+        total = sum(row["ms"] for row in tables[impl])
+        print(f"\n{impl}: {total:.1f} ms of GPU kernels\n| ms | calls | kernel |\n|---|---|---|")
+        for row in tables[impl][:25]:
+            print(f"| {row['ms']:.2f} | {row['calls']} | {row['kernel'][:110]} |")
+    return tables
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
@@ -72,6 +111,7 @@ def main(argv=None) -> None:
                         help="scoring variants stride:precision (precision bf16 or fp8)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench_prefill.json")
+    parser.add_argument("--profile", action="store_true", help="per-kernel GPU time instead of the table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_prefill.py needs a CUDA device")
@@ -82,6 +122,10 @@ def main(argv=None) -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args),
               "threshold_one_rel_error": check_exact(model), "rows": []}
+    if args.profile:
+        report["kernels"] = profile_methods(model, args)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        return
     print(f"threshold 1.0 vs sdpa, last-token logits rel. error: {report['threshold_one_rel_error']:.2e}", flush=True)
     for length in args.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
@@ -91,8 +135,7 @@ def main(argv=None) -> None:
         report["rows"].append({"L": length, "method": "sdpa", "ms": sdpa, "speedup": 1.0, "density": 1.0})
         for cap, variant in [(c, v) for c in args.max_densities for v in args.variants]:
             stride, precision = variant.split(":")
-            cfg = PBSConfig(threshold=args.threshold, max_density=cap, stride=int(stride), scoring_fp8=precision == "fp8")
-            flex_pbs.register(cfg, collect_stats=True, overwrite=True)
+            flex_pbs.register(pbs_config(args.threshold, cap, variant), collect_stats=True, overwrite=True)
             model.set_attn_implementation("flex_pbs")
             start = time.perf_counter()
             prefill_ms(model, ids, 1)

@@ -1,6 +1,7 @@
 """Correctness checks on a CUDA machine without pytest (the lent GPU has none): exact mode
 against SDPA for the fused path and for shapes the fused kernels cannot tile, fused planning
-against the plain-torch stages, and inputs that need grad (refused: inference only). Prints one line per check, writes
+against the plain-torch stages, no host-device synchronisation in the attention path, and inputs
+that need grad (refused: inference only). Prints one line per check, writes
 JSON, exits non-zero if a check fails.
 
     python benchmarks/cuda_smoke.py [--out cuda_smoke.json]
@@ -112,6 +113,42 @@ def fused_scores_vs_torch(dtype: torch.dtype) -> dict:
     return {"check": f"fused scores vs torch {dtype}", "max_abs_diff": err, "ok": err < (1e-3 if dtype == torch.float32 else 2e-2)}
 
 
+def no_host_sync(length: int = 8192) -> dict:
+    """Planning and attending never make the host wait for the GPU (a wait per layer leaves the
+    GPU idle while the next kernels are launched): the default config, fp8 scoring, permuted
+    keys and chunked prefill, directly and through the transformers adapter with stats on, run
+    under ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up call."""
+    import flex_pbs
+    from flex_pbs.integrations.transformers import registration
+
+    q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=2)
+    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    layer = torch.nn.Module()
+    layer.layer_idx, layer.is_causal = 0, True
+    flex_pbs.register(PBSConfig(), collect_stats=True, overwrite=True)
+    calls = {
+        "default": lambda: pbs_attention(q, k, v),
+        "fp8": lambda: pbs_attention(q, k, v, PBSConfig(scoring_fp8=True)),
+        "permuted": lambda: pbs_attention(q, k, v, PBSConfig(permute="key", segment_size=256)),
+        "chunked": lambda: pbs_attention(q[:, :, -3000:], k, v, q_offset=length - 3000),
+        "adapter with stats": lambda: registration()(layer, q, k, v, None, 128**-0.5),
+    }
+    syncing = []
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        except RuntimeError as error:
+            syncing.append(f"{name}: {str(error)[:200]}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    density = float(flex_pbs.stats(layer)[0].density.mean()) if not syncing else None
+    flex_pbs.unregister()
+    return {"check": "no host sync", "syncing": syncing, "adapter density": density, "ok": not syncing}
+
+
 def grad_inputs() -> dict:
     """Inference only: inputs that need grad fail with a message naming the fix; under no_grad
     they run."""
@@ -143,6 +180,7 @@ def main() -> None:
         lambda: fp8_scoring(16384),
         lambda: fused_scores_vs_torch(torch.float32),
         lambda: fused_scores_vs_torch(torch.bfloat16),
+        no_host_sync,
         grad_inputs,
     ]
     results = []

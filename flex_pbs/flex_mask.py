@@ -78,7 +78,8 @@ def build_flex_mask(
         kv_idx, full_idx = (F.pad(i, (0, pad_k, 0, pad_q)) for i in (kv_idx, full_idx))
     if key_order is None:
         # A tensor, not a Python int: the compiled kernel must not specialise on the offset.
-        offset = torch.tensor(layout.q_offset, device=kv_idx.device)
+        # Filled on the device: copying a host value in would wait for all queued GPU work.
+        offset = torch.full((), layout.q_offset, dtype=torch.int64, device=kv_idx.device)
 
         def original_position_causal(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset

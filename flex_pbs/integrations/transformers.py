@@ -16,6 +16,7 @@ Registration adds two entries, both through transformers' public interfaces and 
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,12 @@ class LayerStats:
     q_len: int
     kv_len: int
     path: str  # "pbs", "dense" (skipped layer or short input) or "exact" (fallback)
+
+    def on_cpu(self) -> "LayerStats":
+        """A copy with CPU tensors. Recorded stats stay on the attention's device until read,
+        so that collecting them never makes the forward pass wait for the GPU."""
+        recall = None if self.recall is None else self.recall.cpu()
+        return dataclasses.replace(self, density=self.density.cpu(), recall=recall)
 
 
 @dataclass
@@ -226,7 +233,7 @@ def stats(model: torch.nn.Module, name: str = DEFAULT_NAME) -> dict[int, LayerSt
             f"attn_implementation={name!r} and run a forward pass (models that do not dispatch "
             "through AttentionInterface are not supported)"
         )
-    return dict(sorted(found.items()))
+    return {layer: found[layer].on_cpu() for layer in sorted(found)}
 
 
 def reset_stats(name: str = DEFAULT_NAME) -> None:
@@ -304,14 +311,14 @@ def _pbs_per_sequence(q, k, v, mask: PBSMask, config: PBSConfig, scale) -> tuple
 
 def _record(reg: PBSRegistration, module, q, k, parts: list[_Part] | None, path: str, scale) -> None:
     """Store density (and recall) per head, averaged over the batch, for this layer."""
-    ones = torch.ones(q.shape[1])
-    density = torch.stack([p.head_density.mean(0).float().cpu() for *_, p in parts]).mean(0) if parts else ones
+    ones = torch.ones(q.shape[1], device=q.device)
+    density = torch.stack([p.head_density.mean(0).float() for *_, p in parts]).mean(0) if parts else ones
     recall = None
     if reg.stats_recall:
         recall = ones
         if parts:
             recall = torch.stack(
-                [attention_recall(q[b, :, r], k[b, :, s], p, scale=scale).mean(0).cpu() for b, r, s, p in parts]
+                [attention_recall(q[b, :, r], k[b, :, s], p, scale=scale).mean(0) for b, r, s, p in parts]
             ).mean(0)
     layer = getattr(module, "layer_idx", None)
     reg.stats[module] = LayerStats(-1 if layer is None else layer, density, recall, q.shape[2], k.shape[2], path)
