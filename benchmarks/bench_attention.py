@@ -222,12 +222,13 @@ def tune(args) -> list[dict]:
     for length in args.lengths:
         q, k, v = load_workload(args, length)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        cfg = PBSConfig(block_size=args.block_size, segment_size=args.segment_size, stride=args.stride)
+        cfg = PBSConfig(block_size=args.block_size, segment_size=args.segment_size, stride=args.stride,
+                        max_density=args.max_density)
         layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
         key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
         sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
         reference = None
-        for tile_slots, warps, stages, fp8 in SCORER_CONFIGS:
+        for tile_slots, warps, stages, fp8 in SCORER_CONFIGS if not args.tune_attend_only else []:
             name = f"score slots={tile_slots} warps={warps} stages={stages} fp8={fp8}"
             kwargs = dict(tile_slots=tile_slots, num_warps=warps, num_stages=stages, fp8=fp8)
             try:
@@ -251,7 +252,7 @@ def tune(args) -> list[dict]:
             print(row, flush=True)
         plan = pbs_attention(q, k, v, cfg, return_plan=True)[1]
         v_perm = permute_keys(v, key_order)
-        for options in FLEX_OPTIONS:
+        for options in args.flex_options or FLEX_OPTIONS:
             try:
                 flex_attend(q, k_perm, v_perm, plan.flex_mask, scale, kernel_options=options)
                 ms = bench_ms(lambda: flex_attend(q, k_perm, v_perm, plan.flex_mask, scale, kernel_options=options))
@@ -305,6 +306,10 @@ def main(argv=None) -> None:
     parser.add_argument("--check-length", type=int, default=32768)
     parser.add_argument("--recompile-probe", action="store_true")
     parser.add_argument("--tune", action="store_true", help="time scorer tiles and flex kernel options")
+    parser.add_argument("--tune-attend-only", action="store_true", help="--tune: only the flex kernel options")
+    parser.add_argument("--flex-options", type=json.loads, nargs="+", metavar="JSON",
+                        help="--tune: FlexAttention kernel options to time, e.g. '{\"num_stages\": 4}' "
+                             "(null: flex_pbs's defaults; {}: FlexAttention's own)")
     parser.add_argument("--out", default="bench_attention.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
