@@ -24,15 +24,16 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def exact_vs_sdpa(head_dim: int, length: int, backend: str) -> dict:
+def exact_vs_sdpa(head_dim: int, length: int, backend: str, block_size: int = 128) -> dict:
     """threshold 1.0 (every causal block) against SDPA, both bf16, against an fp32 reference."""
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=0)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
-    out = pbs_attention(q, k, v, PBSConfig(threshold=1.0, backend=backend))
+    config = PBSConfig(threshold=1.0, backend=backend, block_size=block_size, segment_size=block_size)
+    out = pbs_attention(q, k, v, config)
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
     err, sdpa_err = rel_error(out, ref), rel_error(sdpa, ref)
-    return {"check": f"exact d={head_dim} L={length} backend={backend}", "rel_error": err,
+    return {"check": f"exact d={head_dim} L={length} backend={backend} block={block_size}", "rel_error": err,
             "sdpa_rel_error": sdpa_err, "ok": err < 2 * sdpa_err + 1e-3}
 
 
@@ -174,6 +175,8 @@ def main() -> None:
         lambda: exact_vs_sdpa(96, 4096, "auto"),  # not a power of two: torch planning stages
         lambda: exact_vs_sdpa(64, 4096, "triton"),
         lambda: exact_vs_sdpa(128, 5000, "auto"),  # ragged length
+        lambda: exact_vs_sdpa(128, 8192, "auto", block_size=64),  # tiles must divide the blocks
+        lambda: exact_vs_sdpa(64, 4096, "auto", block_size=32),
         lambda: chunked_exact(9000, 3001),
         lambda: fused_vs_torch_plan(16384),
         lambda: shared_index_buffer(20000),

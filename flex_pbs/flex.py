@@ -51,9 +51,21 @@ def bucket_length(length: int, block_size: int, device_type: str) -> int:
     return cdiv(blocks, granule) * granule * block_size
 
 
+def largest_tile_dividing(block_size: int, limit: int = 128) -> int:
+    """The largest power of two ``<= limit`` dividing ``block_size`` (Triton tiles are powers of two)."""
+    return min(limit, block_size & -block_size)
+
+
 def default_kernel_options(q: torch.Tensor, block_mask: BlockMask) -> dict[str, Any] | None:
-    """Tuned FlexAttention tiles where they were measured (Hopper, head_dim 128, 128-blocks)."""
-    if not q.is_cuda or q.shape[-1] != 128 or block_mask.BLOCK_SIZE != (128, 128):
+    """FlexAttention tiles on CUDA: tuned ones where they were measured (Hopper, head_dim 128,
+    128-blocks); tiles that divide the mask's blocks where FlexAttention's own (up to 128 rows)
+    would not (``block_size`` 64, say); otherwise None (FlexAttention's defaults)."""
+    if not q.is_cuda:
+        return None
+    tiles = tuple(largest_tile_dividing(size) for size in block_mask.BLOCK_SIZE)
+    if tiles != (128, 128):
+        return {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+    if q.shape[-1] != 128 or block_mask.BLOCK_SIZE != (128, 128):
         return None
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return None

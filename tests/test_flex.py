@@ -78,3 +78,11 @@ def test_tuned_kernel_options_only_where_measured():
     q, k = torch.randn(1, 2, 1024, 128), torch.randn(1, 2, 1024, 128)
     plan = build_plan(q, k, PBSConfig(threshold=0.8))
     assert flex.default_kernel_options(q, plan.flex_mask) is None  # CPU: FlexAttention's defaults
+
+
+@pytest.mark.parametrize("block_size, tile", [(128, 128), (256, 128), (64, 64), (32, 32), (16, 16), (80, 16), (192, 64)])
+def test_cuda_tiles_divide_the_block(block_size, tile):
+    """FlexAttention's CUDA kernel needs tiles that divide the mask's blocks (its defaults are up
+    to 128 rows: PBSConfig(block_size=64) failed to compile on the H100 before)."""
+    assert flex.largest_tile_dividing(block_size) == tile
+    assert block_size % tile == 0 and tile & (tile - 1) == 0
