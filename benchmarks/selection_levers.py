@@ -1,0 +1,267 @@
+"""Two more quality levers, measured outside the engine: skipped-block compensation and an
+absolute mass threshold.
+
+Both start from the engine's own plan (default ``PBSConfig`` at a threshold: scores, forced
+blocks, selection) for every layer of SmolLM2-135M and change one thing; attention is then
+computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by repeating K/V:
+
+* ``engine``: the engine's selection, computed by this path (a sanity line: it must reproduce
+  the engine's own perplexity, which is measured too).
+* ``compensation``: the engine's selection, plus one pooled key per *skipped* causal block, its
+  keys' mean with logit ``scale · q · k̄ + log(block_size)`` and its values' mean as value, in
+  the same softmax. The skipped mass is estimated instead of dropped. By Jensen's inequality
+  the pooled logit underestimates a peaked block's mass, which is what one wants: giving a
+  skipped block its *exact* mass with the mean value (``--oracle-mass``, an upper-bound probe)
+  is far worse than dropping it.
+* ``absolute``: keep the forced blocks plus every causal block whose estimated share of its
+  row's mass is at least ``tau`` (``--taus``), instead of the fewest blocks reaching a
+  cumulative threshold. For a fixed budget this keeps the blocks with the most estimated mass
+  over the whole layer rather than the same share of mass in every row.
+
+Writes ``<text>_<length>.csv`` (readable by ``quality_at_density.py``) and ``summary.md`` under
+``benchmarks/quality/segment128/levers/selection_levers/``; rows already in a CSV are reused.
+About 2 minutes per pass on 2 CPU threads at 8K. The committed results::
+
+    .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.85 0.9 0.93 --taus 0.01 0.015 0.02
+    .venv/bin/python benchmarks/selection_levers.py --texts prose --thresholds 0.9 --taus --lines engine compensation
+    .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 --taus --lines compensation --oracle-mass
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+import flex_pbs
+from flex_pbs import PBSConfig, build_plan
+from flex_pbs.attention import PBSPlan
+from flex_pbs.data import TEXTS, token_ids
+from flex_pbs.integrations.transformers import PBSMask, pbs_mask
+from flex_pbs.models import load_smollm2
+from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
+from flex_pbs.runner.session import Session, attention
+from flex_pbs.runner.tasks import relative_change_pct
+from flex_pbs.selection import forced_blocks
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality_at_density import interpolate, read_lines  # noqa: E402
+
+OUT = Path(__file__).parent / "quality/segment128/levers/selection_levers"
+ATTENTION_NAME = "flex_pbs_selection_levers"
+TAIL_TOKENS = 1024
+QUERY_CHUNK = 1024
+LINES = ("engine", "compensation", "absolute")
+
+
+def absolute_selection(plan: PBSPlan, config: PBSConfig, tau: float) -> torch.Tensor:
+    """bool ``[B, Hq, nQ, nK]``: forced blocks plus causal blocks holding >= ``tau`` of their
+    row's estimated mass."""
+    group = plan.block_scores.shape[1] // plan.key_order.shape[1]
+    causal = plan.causal_blocks.repeat_interleave(group, dim=1)
+    forced = forced_blocks(plan.key_order, plan.layout, config).expand_as(plan.causal_blocks)
+    share = plan.block_scores / plan.block_scores.sum(dim=-1, keepdim=True)
+    return causal & (forced.repeat_interleave(group, dim=1) | (share >= tau))
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, causal: torch.Tensor,
+    block_size: int, scale: float, compensate: str | None,
+) -> torch.Tensor:
+    """Exact causal attention over the selected blocks, optionally with pooled skipped blocks.
+
+    Args:
+        q: ``[B, Hq, L, D]``; k, v: ``[B, Hq, L, D]`` (K/V repeated per query head), L a multiple
+            of ``block_size``; selected, causal: bool ``[B, Hq, nQ, nK]``.
+        compensate: None, ``"mean"`` (pooled key logit) or ``"oracle_mass"`` (the block's exact
+            log-mass, with the mean value).
+    """
+    batch, heads, length, dim = k.shape
+    n_blocks = length // block_size
+    k_mean = k.view(batch, heads, n_blocks, block_size, dim).mean(3)
+    v_mean = v.view(batch, heads, n_blocks, block_size, dim).mean(3)
+    positions = torch.arange(length, device=q.device)
+    out = torch.empty_like(q)
+    for start in range(0, length, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, length)
+        rows = slice(start // block_size, -(-stop // block_size))
+        logits = scale * q[:, :, start:stop] @ k.transpose(-1, -2)
+        visible = selected[:, :, rows].repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
+        visible = visible[:, :, : stop - start] & (positions[None, :] <= positions[start:stop, None])
+        values = v
+        if compensate is not None:
+            if compensate == "mean":
+                pooled = scale * q[:, :, start:stop] @ k_mean.transpose(-1, -2) + math.log(block_size)
+            else:
+                pooled = logits.view(batch, heads, stop - start, n_blocks, block_size).logsumexp(-1)
+            skipped = (causal & ~selected)[:, :, rows].repeat_interleave(block_size, 2)[:, :, : stop - start]
+            logits = torch.cat([logits.masked_fill(~visible, -math.inf), pooled.masked_fill(~skipped, -math.inf)], -1)
+            values = torch.cat([v, v_mean], dim=2)
+        else:
+            logits = logits.masked_fill(~visible, -math.inf)
+        out[:, :, start:stop] = torch.softmax(logits, dim=-1) @ values
+    return out
+
+
+@dataclass
+class LeverAttention:
+    """The registered attention: the engine's plan per layer, changed by one lever."""
+
+    config: PBSConfig
+    line: str
+    tau: float | None = None
+    compensate: str = "mean"
+    density: dict[int, float] = field(default_factory=dict)
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if not (isinstance(attention_mask, PBSMask) and attention_mask.causal and attention_mask.padding is None):
+            raise ValueError("this experiment runs unpadded causal prefill only")
+        if attention_mask.q_offset or query.shape[2] % self.config.block_size:
+            raise ValueError("prefill from position 0 of a multiple of the block size only")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        plan = build_plan(query, key, self.config, scale=scale)
+        group = query.shape[1] // key.shape[1]
+        causal = plan.causal_blocks.repeat_interleave(group, dim=1)
+        selected = absolute_selection(plan, self.config, self.tau) if self.line == "absolute" else plan.block_mask
+        self.density[module.layer_idx] = float(selected.sum() / causal.sum())
+        q, k, v = query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1)
+        compensate = self.compensate if self.line == "compensation" else None
+        out = masked_attention(q, k, v, selected, causal, self.config.block_size, scale, compensate)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def evaluate(session: Session, ids: torch.Tensor, line: str, threshold: float | None, tau: float | None,
+             compensate: str) -> dict[str, Any]:
+    """One forward pass of a line (``dense``, ``engine_native`` = the engine itself, or a lever)."""
+    if line == "dense":
+        with attention(session, None):
+            output, wall = timed_forward(session, ids)
+        density = 1.0
+    elif line == "engine_native":
+        with attention(session, PBSConfig(threshold=threshold), collect_stats=True):
+            output, wall = timed_forward(session, ids)
+            density = stats_summary(flex_pbs.stats(session.model))["density"]
+    else:
+        function = LeverAttention(PBSConfig(threshold=threshold), line, tau, compensate)
+        AttentionInterface.register(ATTENTION_NAME, function)
+        AttentionMaskInterface.register(ATTENTION_NAME, pbs_mask)
+        try:
+            session.model.set_attn_implementation(ATTENTION_NAME)
+            output, wall = timed_forward(session, ids)
+        finally:
+            session.model.set_attn_implementation("sdpa")
+            AttentionInterface._global_mapping.pop(ATTENTION_NAME, None)
+            AttentionMaskInterface._global_mapping.pop(ATTENTION_NAME, None)
+        density = sum(function.density.values()) / len(function.density)
+    losses = token_losses(output.logits, ids)
+    return {"perplexity": perplexity(losses), "tail_perplexity": perplexity(losses[-TAIL_TOKENS:]),
+            "density": density, "wall_s": wall}
+
+
+def run_name(line: str, compensate: str) -> str:
+    return "compensation_oracle_mass" if line == "compensation" and compensate == "oracle_mass" else line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", nargs="+", default=["code"], choices=TEXTS)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--lines", nargs="+", default=list(LINES), choices=LINES)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9], help="engine and compensation")
+    parser.add_argument("--taus", type=float, nargs="*", default=[0.01, 0.02], help="absolute (threshold 0.9 plan)")
+    parser.add_argument("--oracle-mass", action="store_true", help="compensation with exact skipped mass (probe)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_smollm2("sdpa")
+    session = Session(model, tokenizer, random_weights=False, device="cpu")
+    compensate = "oracle_mass" if args.oracle_mass else "mean"
+
+    for text in args.texts:
+        ids = token_ids(tokenizer, text, args.length)
+        path = args.out / f"{text}_{args.length}.csv"
+        rows = {}
+        if path.is_file():
+            with path.open() as f:
+                rows = {(r["line"], r["threshold"], r["tau"]): r for r in csv.DictReader(f)}
+        wanted = [("dense", None, None)]
+        for line in args.lines:
+            if line == "absolute":
+                wanted += [("absolute", 0.9, tau) for tau in args.taus]
+            else:
+                wanted += [(run_name(line, compensate), t, None) for t in args.thresholds]
+                if line == "engine":
+                    wanted += [("engine_native", t, None) for t in args.thresholds]
+        for name, threshold, tau in wanted:
+            key = (name, "" if threshold is None else str(threshold), "" if tau is None else str(tau))
+            if key in rows:
+                continue
+            line = "compensation" if name.startswith("compensation") else name
+            row = evaluate(session, ids, line, threshold, tau, compensate)
+            dense = rows.get(("dense", "", ""), row)
+            row.update(
+                text=text, seq_len=args.length, line=name, method=name, threshold=key[1], tau=key[2],
+                delta_pct=relative_change_pct(row["perplexity"], float(dense["perplexity"])),
+                tail_delta_pct=relative_change_pct(row["tail_perplexity"], float(dense["tail_perplexity"])),
+            )
+            if name == "dense":
+                row["method"] = "dense"
+            rows[key] = row
+            print(f"| {text} | {name} | {key[1]} | {key[2]} | {row['density']:.4f} | {row['perplexity']:.4f} | "
+                  f"{row['delta_pct']:+.2f} | {row['tail_delta_pct']:+.2f} |", flush=True)
+            fields = ["text", "seq_len", "line", "method", "threshold", "tau", "density", "perplexity",
+                      "tail_perplexity", "delta_pct", "tail_delta_pct", "wall_s"]
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows({k: r[k] for k in fields} for r in rows.values())
+    summary = summarise(args.out, args.length)
+    (args.out / "summary.md").write_text(summary)
+    print(summary)
+
+
+def summarise(out: Path, length: int) -> str:
+    """Every row of every text's CSV at ``length``, then each lever row against the default."""
+    parts = []
+    for path in sorted(out.glob(f"*_{length}.csv")):
+        text = path.name.removesuffix(f"_{length}.csv")
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        parts.append(f"## {text} {length}\n\n| line | threshold | tau | density | perplexity | Δppl % | Δ last 1K % |"
+                     "\n|---|---|---|---|---|---|---|")
+        for r in sorted(rows, key=lambda r: (r["line"], float(r["density"]))):
+            parts.append(f"| {r['line']} | {r['threshold'] or '-'} | {r['tau'] or '-'} | {float(r['density']):.4f} | "
+                         f"{float(r['perplexity']):.4f} | {float(r['delta_pct']):+.2f} | {float(r['tail_delta_pct']):+.2f} |")
+        parts.append(matched_with_default(path, text, length))
+    return "\n".join(parts)
+
+
+def matched_with_default(path: Path, text: str, length: int) -> str:
+    """Each lever row next to the default's sweep interpolated at the row's density."""
+    default = read_lines(Path(__file__).parent / f"quality/segment128/{text}_{length}_sweep.csv")
+    default_line = "pbs, segment_size=128, stride=8, force_local_blocks=4"
+    out = ["", f"Against the default's sweep (`{text}_{length}_sweep.csv`) at the same density:", "",
+           "| line | threshold | tau | density | Δppl / Δ last 1K % | default there |", "|---|---|---|---|---|---|"]
+    with path.open() as f:
+        for r in csv.DictReader(f):
+            if r["line"] in ("dense", "engine_native"):
+                continue
+            at = interpolate(default[default_line], float(r["density"]))
+            there = "-" if at is None else f"{at[0]:+.2f} / {at[1]:+.2f}"
+            out.append(f"| {r['line']} | {r['threshold'] or '-'} | {r['tau'] or '-'} | {float(r['density']):.4f} | "
+                       f"{float(r['delta_pct']):+.2f} / {float(r['tail_delta_pct']):+.2f} | {there} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
