@@ -61,30 +61,27 @@ of this path on an idle machine, about 75 minutes in all; the last command summa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 import flex_pbs
 from flex_pbs import PBSConfig
 from flex_pbs.data import TEXTS, token_ids
-from flex_pbs.integrations.transformers import PBSMask, pbs_mask
+from flex_pbs.integrations.transformers import PBSMask
 from flex_pbs.layout import BlockLayout, block_min_position
 from flex_pbs.methods import method_config
 from flex_pbs.models import load_smollm2
 from flex_pbs.permutation import identity_key_order, key_importance, permute_keys, segment_key_order
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
-from flex_pbs.runner.session import Session, attention
+from flex_pbs.runner.session import Session, attention, experimental_attention
 from flex_pbs.runner.tasks import relative_change_pct
 from flex_pbs.scoring import antidiagonal_block_scores
 from flex_pbs.selection import forced_blocks, select_blocks
@@ -325,20 +322,6 @@ class PermutedAttention:
         return float(density), float(cost)
 
 
-@contextlib.contextmanager
-def permuted_attention_on(model, function: PermutedAttention) -> Iterator[None]:
-    """Run ``model`` with ``function`` (and flex_pbs's compact mask) inside the block."""
-    AttentionInterface.register(ATTENTION_NAME, function)
-    AttentionMaskInterface.register(ATTENTION_NAME, pbs_mask)
-    try:
-        model.set_attn_implementation(ATTENTION_NAME)
-        yield
-    finally:
-        model.set_attn_implementation("sdpa")
-        AttentionInterface._global_mapping.pop(ATTENTION_NAME, None)
-        AttentionMaskInterface._global_mapping.pop(ATTENTION_NAME, None)
-
-
 # ---------------------------------------------------------------------------- the measurement
 
 
@@ -356,7 +339,7 @@ def evaluate(session: Session, ids: torch.Tensor, line: Line | None, threshold: 
             density = stats_summary(flex_pbs.stats(session.model))["density"]
     else:
         function = PermutedAttention(line.engine(threshold), line.order)
-        with permuted_attention_on(session.model, function):
+        with experimental_attention(session, ATTENTION_NAME, function):
             output, wall = timed_forward(session, ids)
         density, cost = function.density()
     losses = token_losses(output.logits, ids)

@@ -38,17 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 import flex_pbs
 from flex_pbs import PBSConfig, build_plan
 from flex_pbs.attention import PBSPlan
 from flex_pbs.data import TEXTS, token_ids
-from flex_pbs.integrations.transformers import PBSMask, pbs_mask
+from flex_pbs.integrations.transformers import PBSMask
 from flex_pbs.models import load_smollm2
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
-from flex_pbs.runner.session import Session, attention
+from flex_pbs.runner.session import Session, attention, experimental_attention
 from flex_pbs.runner.tasks import relative_change_pct
 from flex_pbs.selection import forced_blocks
 
@@ -151,15 +149,8 @@ def evaluate(session: Session, ids: torch.Tensor, line: str, threshold: float | 
             density = stats_summary(flex_pbs.stats(session.model))["density"]
     else:
         function = LeverAttention(PBSConfig(threshold=threshold), line, tau, compensate)
-        AttentionInterface.register(ATTENTION_NAME, function)
-        AttentionMaskInterface.register(ATTENTION_NAME, pbs_mask)
-        try:
-            session.model.set_attn_implementation(ATTENTION_NAME)
+        with experimental_attention(session, ATTENTION_NAME, function):
             output, wall = timed_forward(session, ids)
-        finally:
-            session.model.set_attn_implementation("sdpa")
-            AttentionInterface._global_mapping.pop(ATTENTION_NAME, None)
-            AttentionMaskInterface._global_mapping.pop(ATTENTION_NAME, None)
         density = sum(function.density.values()) / len(function.density)
     losses = token_losses(output.logits, ids)
     return {"perplexity": perplexity(losses), "tail_perplexity": perplexity(losses[-TAIL_TOKENS:]),

@@ -106,7 +106,7 @@ def flex_attend(
                 "torch.inference_mode() or torch.no_grad(), or detach the inputs"
             )
         q, k, v = q.detach(), k.detach(), v.detach()
-    q_len, kv_len = q.shape[-2], k.shape[-2]
+    q_len = q.shape[-2]
     kernel_q, kernel_kv = block_mask.seq_lengths
     q_in, k_in, v_in = _pad_tokens(q, kernel_q), _pad_tokens(k, kernel_kv), _pad_tokens(v, kernel_kv)
     if kernel_options is None:

@@ -264,3 +264,35 @@ def test_sweep_lines_split_on_engine_fields_other_than_the_threshold():
     }
     texts = [{**row("pbs", 0.9, 4, 0.25), "text": text} for text in ("code", "prose")]
     assert set(curves(texts)) == {"pbs, code", "pbs, prose"}
+
+
+def test_experimental_attention_runs_a_function_of_ones_own_and_cleans_up():
+    """An experiment's attention function sees flex_pbs's compact mask; outputs equal SDPA's when
+    it computes exact attention; the model is back on SDPA and the name unregistered afterwards."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+
+    from flex_pbs.integrations.transformers import PBSMask
+
+    model = flex_pbs.models.random_model(flex_pbs.models.tiny_config("llama"))
+    run = session.Session(model, None, random_weights=True, device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 96))
+    seen = []
+
+    def exact(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        seen.append(attention_mask)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    with torch.no_grad():
+        reference = model(ids).logits
+        with session.experimental_attention(run, "test_experiment", exact):
+            logits = model(ids).logits
+        after = model(ids).logits
+    assert len(seen) == model.config.num_hidden_layers
+    assert all(isinstance(mask, PBSMask) and mask.causal for mask in seen)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)  # fp32: same kernels, same order
+    torch.testing.assert_close(after, reference, rtol=0, atol=0)
+    assert model.config._attn_implementation == "sdpa"
+    assert "test_experiment" not in AttentionInterface._global_mapping

@@ -136,3 +136,25 @@ def attention(
     finally:
         session.model.set_attn_implementation("sdpa")
         flex_pbs.unregister()
+
+
+@contextlib.contextmanager
+def experimental_attention(session: Session, name: str, function: Any) -> Iterator[None]:
+    """Run the model with an attention function of one's own inside the block (an experiment
+    outside the engine), registered as ``name`` together with flex_pbs's compact mask, so that
+    ``function`` receives a :class:`~flex_pbs.integrations.transformers.PBSMask`. The model is
+    back on SDPA, and both registrations removed, afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from ..integrations.transformers import pbs_mask
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, pbs_mask)
+    try:
+        session.model.set_attn_implementation(name)
+        yield
+    finally:
+        session.model.set_attn_implementation("sdpa")
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
