@@ -1,8 +1,8 @@
-"""Two more quality levers, measured outside the engine: skipped-block compensation and an
-absolute mass threshold.
+"""Quality levers measured outside the engine: skipped-block compensation, an absolute mass
+threshold, and 128-query × 64-key blocks.
 
-Both start from the engine's own plan (default ``PBSConfig`` at a threshold: scores, forced
-blocks, selection) for every layer of SmolLM2-135M and change one thing; attention is then
+Each starts from the engine's own plan (default ``PBSConfig`` at a threshold: scores, forced
+blocks, selection) for every layer of SmolLM2-135M and changes one thing; attention is then
 computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by repeating K/V:
 
 * ``engine``: the engine's selection, computed by this path (a sanity line: it must reproduce
@@ -17,6 +17,11 @@ computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by r
   row's mass is at least ``tau`` (``--taus``), instead of the fewest blocks reaching a
   cumulative threshold. For a fixed budget this keeps the blocks with the most estimated mass
   over the whole layer rather than the same share of mass in every row.
+* ``key64``: blocks of 128 queries × 64 keys, the layout FlexAttention runs at nearly full speed
+  on Hopper (``BLOCK_N=64``) where 64-row query tiles are slow: the engine plans with 64-token
+  blocks, the scores of each pair of query rows are summed, and the engine's threshold selection
+  runs on the wider rows with the same forced span (the query block's own keys, 512 tokens before
+  them, key block 0). Does it keep the quality that 64-token blocks gain?
 
 Writes ``<text>_<length>.csv`` (readable by ``quality_at_density.py``) and ``summary.md`` under
 ``benchmarks/quality/segment128/levers/selection_levers/``; rows already in a CSV are reused.
@@ -25,6 +30,7 @@ About 2 minutes per pass on 2 CPU threads at 8K. The committed results::
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.85 0.9 0.93 --taus 0.01 0.015 0.02
     .venv/bin/python benchmarks/selection_levers.py --texts prose --thresholds 0.9 --taus --lines engine compensation
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 --taus --lines compensation --oracle-mass
+    .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from flex_pbs.models import load_smollm2
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
 from flex_pbs.runner.session import Session, attention, experimental_attention
 from flex_pbs.runner.tasks import relative_change_pct
-from flex_pbs.selection import forced_blocks
+from flex_pbs.selection import forced_blocks, select_blocks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality_at_density import interpolate, read_lines  # noqa: E402
@@ -57,7 +63,7 @@ OUT = Path(__file__).parent / "quality/segment128/levers/selection_levers"
 ATTENTION_NAME = "flex_pbs_selection_levers"
 TAIL_TOKENS = 1024
 QUERY_CHUNK = 1024
-LINES = ("engine", "compensation", "absolute")
+LINES = ("engine", "compensation", "absolute", "key64")
 
 
 def absolute_selection(plan: PBSPlan, config: PBSConfig, tau: float) -> torch.Tensor:
@@ -72,41 +78,63 @@ def absolute_selection(plan: PBSPlan, config: PBSConfig, tau: float) -> torch.Te
 
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor, causal: torch.Tensor,
-    block_size: int, scale: float, compensate: str | None,
+    block_sizes: tuple[int, int], scale: float, compensate: str | None,
 ) -> torch.Tensor:
     """Exact causal attention over the selected blocks, optionally with pooled skipped blocks.
 
     Args:
         q: ``[B, Hq, L, D]``; k, v: ``[B, Hq, L, D]`` (K/V repeated per query head), L a multiple
-            of ``block_size``; selected, causal: bool ``[B, Hq, nQ, nK]``.
+            of both block sizes; selected, causal: bool ``[B, Hq, nQ, nK]``.
+        block_sizes: ``(query block, key block)`` in tokens.
         compensate: None, ``"mean"`` (pooled key logit) or ``"oracle_mass"`` (the block's exact
             log-mass, with the mean value).
     """
+    q_block, kv_block = block_sizes
     batch, heads, length, dim = k.shape
-    n_blocks = length // block_size
-    k_mean = k.view(batch, heads, n_blocks, block_size, dim).mean(3)
-    v_mean = v.view(batch, heads, n_blocks, block_size, dim).mean(3)
+    n_blocks = length // kv_block
+    k_mean = k.view(batch, heads, n_blocks, kv_block, dim).mean(3)
+    v_mean = v.view(batch, heads, n_blocks, kv_block, dim).mean(3)
     positions = torch.arange(length, device=q.device)
     out = torch.empty_like(q)
     for start in range(0, length, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, length)
-        rows = slice(start // block_size, -(-stop // block_size))
+        rows = slice(start // q_block, -(-stop // q_block))
         logits = scale * q[:, :, start:stop] @ k.transpose(-1, -2)
-        visible = selected[:, :, rows].repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
+        visible = selected[:, :, rows].repeat_interleave(q_block, 2).repeat_interleave(kv_block, 3)
         visible = visible[:, :, : stop - start] & (positions[None, :] <= positions[start:stop, None])
         values = v
         if compensate is not None:
             if compensate == "mean":
-                pooled = scale * q[:, :, start:stop] @ k_mean.transpose(-1, -2) + math.log(block_size)
+                pooled = scale * q[:, :, start:stop] @ k_mean.transpose(-1, -2) + math.log(kv_block)
             else:
-                pooled = logits.view(batch, heads, stop - start, n_blocks, block_size).logsumexp(-1)
-            skipped = (causal & ~selected)[:, :, rows].repeat_interleave(block_size, 2)[:, :, : stop - start]
+                pooled = logits.view(batch, heads, stop - start, n_blocks, kv_block).logsumexp(-1)
+            skipped = (causal & ~selected)[:, :, rows].repeat_interleave(q_block, 2)[:, :, : stop - start]
             logits = torch.cat([logits.masked_fill(~visible, -math.inf), pooled.masked_fill(~skipped, -math.inf)], -1)
             values = torch.cat([v, v_mean], dim=2)
         else:
             logits = logits.masked_fill(~visible, -math.inf)
         out[:, :, start:stop] = torch.softmax(logits, dim=-1) @ values
     return out
+
+
+def wide_query_selection(
+    plan: PBSPlan, threshold: float, local_keys: int, q_block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(selected, causal)``, bool ``[B, Hq, L/q_block, nK]``: blocks of ``q_block`` queries ×
+    the plan's (smaller) key blocks. Scores of the plan's query blocks are summed into the wider
+    ones; forced: the key blocks overlapping the query block (its diagonal), ``local_keys`` tokens
+    of key blocks before it, and key block 0 (the sink); then the engine's threshold selection."""
+    kv_block = plan.layout.block_size
+    batch, heads, n_rows, n_keys = plan.block_scores.shape
+    per_row = q_block // kv_block
+    scores = plan.block_scores.view(batch, heads, n_rows // per_row, per_row, n_keys).sum(3)
+    rows = torch.arange(n_rows // per_row, device=scores.device)[:, None]
+    keys = torch.arange(n_keys, device=scores.device)[None, :]
+    first, last = rows * per_row, rows * per_row + per_row - 1  # the query block in key blocks
+    causal = keys <= last
+    forced = causal & ((keys >= first - local_keys // kv_block) | (keys == 0))
+    selected = select_blocks(scores, candidates=causal, forced=forced, threshold=threshold)
+    return selected, causal.expand_as(selected)
 
 
 @dataclass
@@ -128,11 +156,20 @@ class LeverAttention:
         plan = build_plan(query, key, self.config, scale=scale)
         group = query.shape[1] // key.shape[1]
         causal = plan.causal_blocks.repeat_interleave(group, dim=1)
-        selected = absolute_selection(plan, self.config, self.tau) if self.line == "absolute" else plan.block_mask
+        block_sizes = (self.config.block_size, self.config.block_size)
+        if self.line == "absolute":
+            selected = absolute_selection(plan, self.config, self.tau)
+        elif self.line == "key64":
+            local_keys = self.config.force_local_blocks * self.config.block_size
+            plan = build_plan(query, key, self.config.replace(block_size=64, segment_size=64), scale=scale)
+            selected, causal = wide_query_selection(plan, self.config.threshold, local_keys, self.config.block_size)
+            block_sizes = (self.config.block_size, 64)
+        else:
+            selected = plan.block_mask
         self.density[module.layer_idx] = float(selected.sum() / causal.sum())
         q, k, v = query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1)
         compensate = self.compensate if self.line == "compensation" else None
-        out = masked_attention(q, k, v, selected, causal, self.config.block_size, scale, compensate)
+        out = masked_attention(q, k, v, selected, causal, block_sizes, scale, compensate)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
