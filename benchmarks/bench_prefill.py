@@ -134,8 +134,8 @@ def main(argv=None) -> None:
         sdpa = statistics.median(prefill_ms(model, ids, args.repeats))
         report["rows"].append({"L": length, "method": "sdpa", "ms": sdpa, "speedup": 1.0, "density": 1.0})
         for cap, variant in [(c, v) for c in args.max_densities for v in args.variants]:
-            stride, precision = variant.split(":")
-            flex_pbs.register(pbs_config(args.threshold, cap, variant), collect_stats=True, overwrite=True)
+            config = pbs_config(args.threshold, cap, variant)
+            flex_pbs.register(config, collect_stats=True, overwrite=True)
             model.set_attn_implementation("flex_pbs")
             start = time.perf_counter()
             prefill_ms(model, ids, 1)
@@ -143,7 +143,8 @@ def main(argv=None) -> None:
             ms = statistics.median(prefill_ms(model, ids, args.repeats))
             stats = flex_pbs.stats(model)
             density = sum(float(s.density.mean()) for s in stats.values()) / len(stats)
-            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={stride} {precision}",
+            precision = "fp8" if config.scoring_fp8 else "bf16"
+            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={config.stride} {precision}",
                    "ms": ms, "speedup": sdpa / ms, "density": density, "first_call_s": compile_s}
             report["rows"].append(row)
             print(row, flush=True)

@@ -66,11 +66,10 @@ QUERY_CHUNK = 1024
 LINES = ("engine", "compensation", "absolute", "key64")
 
 
-def absolute_selection(plan: PBSPlan, config: PBSConfig, tau: float) -> torch.Tensor:
-    """bool ``[B, Hq, nQ, nK]``: forced blocks plus causal blocks holding >= ``tau`` of their
-    row's estimated mass."""
-    group = plan.block_scores.shape[1] // plan.key_order.shape[1]
-    causal = plan.causal_blocks.repeat_interleave(group, dim=1)
+def absolute_selection(plan: PBSPlan, causal: torch.Tensor, config: PBSConfig, tau: float) -> torch.Tensor:
+    """bool ``[B, Hq, nQ, nK]``: forced blocks plus causal blocks (``causal``, per query head)
+    holding >= ``tau`` of their row's estimated mass."""
+    group = causal.shape[1] // plan.key_order.shape[1]
     forced = forced_blocks(plan.key_order, plan.layout, config).expand_as(plan.causal_blocks)
     share = plan.block_scores / plan.block_scores.sum(dim=-1, keepdim=True)
     return causal & (forced.repeat_interleave(group, dim=1) | (share >= tau))
@@ -92,8 +91,9 @@ def masked_attention(
     q_block, kv_block = block_sizes
     batch, heads, length, dim = k.shape
     n_blocks = length // kv_block
-    k_mean = k.view(batch, heads, n_blocks, kv_block, dim).mean(3)
-    v_mean = v.view(batch, heads, n_blocks, kv_block, dim).mean(3)
+    if compensate is not None:
+        k_mean = k.view(batch, heads, n_blocks, kv_block, dim).mean(3)
+        v_mean = v.view(batch, heads, n_blocks, kv_block, dim).mean(3)
     positions = torch.arange(length, device=q.device)
     out = torch.empty_like(q)
     for start in range(0, length, QUERY_CHUNK):
@@ -153,19 +153,17 @@ class LeverAttention:
         if attention_mask.q_offset or query.shape[2] % self.config.block_size:
             raise ValueError("prefill from position 0 of a multiple of the block size only")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        plan = build_plan(query, key, self.config, scale=scale)
         group = query.shape[1] // key.shape[1]
-        causal = plan.causal_blocks.repeat_interleave(group, dim=1)
         block_sizes = (self.config.block_size, self.config.block_size)
-        if self.line == "absolute":
-            selected = absolute_selection(plan, self.config, self.tau)
-        elif self.line == "key64":
+        if self.line == "key64":
             local_keys = self.config.force_local_blocks * self.config.block_size
             plan = build_plan(query, key, self.config.replace(block_size=64, segment_size=64), scale=scale)
             selected, causal = wide_query_selection(plan, self.config.threshold, local_keys, self.config.block_size)
             block_sizes = (self.config.block_size, 64)
         else:
-            selected = plan.block_mask
+            plan = build_plan(query, key, self.config, scale=scale)
+            causal = plan.causal_blocks.repeat_interleave(group, dim=1)
+            selected = absolute_selection(plan, causal, self.config, self.tau) if self.line == "absolute" else plan.block_mask
         self.density[module.layer_idx] = float(selected.sum() / causal.sum())
         q, k, v = query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1)
         compensate = self.compensate if self.line == "compensation" else None
