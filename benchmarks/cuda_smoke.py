@@ -52,18 +52,29 @@ def chunked_exact(length: int, q_len: int) -> dict:
 
 
 def fp8_scoring(length: int) -> dict:
-    """The fp8 cast kernel equals torch's cast; fp8 block scores select nearly the bf16 blocks."""
-    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8
+    """The fp8 cast kernels equal torch's casts (per tensor for K, per stride slot for Q); fp8
+    block scores select nearly the bf16 blocks."""
+    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
 
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=3)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
-    amax = _abs_max(q).reshape(1)
-    cast_equal = torch.equal(_to_fp8(q, amax).view(torch.uint8),
-                             (q.float() * (240.0 / amax)).to(torch.float8_e4m3fn).view(torch.uint8))
+    amax = _abs_max(k).reshape(1)
+    cast_equal = torch.equal(_to_fp8(k, amax).view(torch.uint8),
+                             (k.float() * (240.0 / amax)).to(torch.float8_e4m3fn).view(torch.uint8))
+    stride = 8
+    slots = q.float().reshape(1, 8, length // stride, stride * 128)
+    slot_max = slots.abs().amax(-1, keepdim=True)
+    q8, descale = _to_fp8_slots(q, stride)
+    reference = (slots * (240.0 / slot_max)).to(torch.float8_e4m3fn).view(torch.uint8).reshape(q8.shape)
+    # Triton's fp32 division is approximate (within 2 ulp): a product on an fp8 rounding
+    # boundary may round the other way, so a few codes may differ by one step.
+    slot_cast_mismatch = float((q8.view(torch.uint8) != reference).float().mean())
+    descale_ok = torch.allclose(descale, slot_max.squeeze(-1) / 240.0, rtol=1e-6, atol=0)
     bf16, fp8 = build_plan(q, k, PBSConfig(threshold=0.9)), build_plan(q, k, PBSConfig(threshold=0.9, scoring_fp8=True))
     differ = float((bf16.block_mask != fp8.block_mask).float().mean())
-    return {"check": f"fp8 scoring L={length}", "cast_equal": cast_equal, "blocks_differ": differ,
-            "density": [bf16.density, fp8.density], "ok": cast_equal and differ < 0.05}
+    return {"check": f"fp8 scoring L={length}", "cast_equal": cast_equal, "slot_cast_mismatch": slot_cast_mismatch,
+            "slot_descale_ok": descale_ok, "blocks_differ": differ, "density": [bf16.density, fp8.density],
+            "ok": cast_equal and slot_cast_mismatch < 1e-4 and descale_ok and differ < 0.05}
 
 
 def shared_index_buffer(length: int) -> dict:

@@ -62,8 +62,6 @@ def load_text(kind: str, min_chars: int) -> str:
 
 def token_ids(tokenizer, kind: str, seq_len: int, offset: int = 0):
     """``[1, seq_len]`` token ids of a text, starting ``offset`` tokens in."""
-    import torch
-
     chars = 6 * (seq_len + offset) + 10_000  # tokenizers average 3-4 chars per token here
     ids = tokenizer(load_text(kind, chars), return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] < seq_len + offset:

@@ -78,6 +78,22 @@ def test_tuned_kernel_options_only_where_measured():
     q, k = torch.randn(1, 2, 1024, 128), torch.randn(1, 2, 1024, 128)
     plan = build_plan(q, k, PBSConfig(threshold=0.8))
     assert flex.default_kernel_options(q, plan.flex_mask) is None  # CPU: FlexAttention's defaults
+    hopper, ampere = (9, 0), (8, 0)
+    tuned = flex.cuda_kernel_options(128, (128, 128), (5000, 5000), hopper)
+    assert tuned == flex.HOPPER_D128_OPTIONS
+    assert flex.cuda_kernel_options(64, (128, 128), (5000, 5000), hopper) is None
+    assert flex.cuda_kernel_options(128, (128, 128), (5000, 5000), ampere) is None
+    assert flex.cuda_kernel_options(128, (64, 64), (5000, 5000), hopper) == {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+@pytest.mark.parametrize("q_len, kv_len, whole", [(131072, 131072, True), (4096, 12288, True), (4096, 12300, False),
+                                                   (4000, 12288, False), (64, 64, False)])
+def test_whole_tiles_drop_bounds_masks(q_len, kv_len, whole):
+    """IS_DIVISIBLE (no per-tile bounds masks) exactly when both lengths are multiples of 128:
+    FlexAttention's tiles are then all whole, whatever the tile or the card."""
+    for head_dim, block, capability in [(128, (128, 128), (9, 0)), (64, (128, 128), (8, 0)), (128, (64, 64), (9, 0))]:
+        options = flex.cuda_kernel_options(head_dim, block, (q_len, kv_len), capability) or {}
+        assert options.get("IS_DIVISIBLE", False) is whole
 
 
 @pytest.mark.parametrize("block_size, tile", [(128, 128), (256, 128), (64, 64), (32, 32), (16, 16), (80, 16), (192, 64)])

@@ -45,26 +45,35 @@ CHECK = textwrap.dedent(
         assert err < tol, (b, hq, hkv, lk, lq, d, bs, s, seg, dtype, err)
     # fp8 scoring: the kernel computes the fp32 function of the fp8 operands it was given (the
     # interpreter's own fp8 rounding differs from the GPU's, so the reference dequantises the
-    # cast kernel's output), and stays near the unquantised scores (e4m3: 3 mantissa bits).
-    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8
+    # cast kernels' output: Q scaled per stride slot, K per tensor), and stays near the
+    # unquantised scores (e4m3: 3 mantissa bits).
+    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
     for b, hq, hkv, lk, lq, d, bs, s, seg in [(1, 4, 2, 1024, 1024, 32, 128, 8, 256), (1, 2, 1, 1100, 800, 16, 128, 16, 256)]:
         q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
         offset = lk - lq
         order = segment_key_order(key_importance(q, k, bs, d**-0.5, offset), seg)
         k_perm = permute_keys(k, order)
         layout = BlockLayout(lq, lk, offset, bs, seg)
-        amax_q, amax_k = _abs_max(q).reshape(1), _abs_max(k_perm).reshape(1)
-        q8 = _to_fp8(q, amax_q).float() * amax_q / 240
+        amax_k = _abs_max(k_perm).reshape(1)
+        q8, q_descale = _to_fp8_slots(q, s)
+        slot_max = q.reshape(b, hq, lq // s, s * d).abs().amax(-1)
+        assert torch.allclose(q_descale, slot_max / 240)
+        q8 = q8.float() * q_descale.repeat_interleave(s, dim=2)[..., None]
         k8 = _to_fp8(k_perm, amax_k).float() * amax_k / 240
         ref = antidiagonal_block_scores(q8, k8, order, layout, s, d**-0.5)
         out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, fp8=True)
         assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()
-        # The cast reads strided inputs (transformers hands over [B, L, H, D] transposed) and
-        # pads the length with zero rows.
+        # The casts read strided inputs (transformers hands over [B, L, H, D] transposed) and
+        # pad the length with zero rows.
         strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+        amax_q = _abs_max(q).reshape(1)
         padded = _to_fp8(strided, amax_q, 48)
         assert padded.shape[2] % 48 == 0 and not padded[:, :, lq:].float().any()
         assert torch.equal(padded[:, :, :lq].float(), _to_fp8(q, amax_q).float())
+        ragged, ragged_descale = _to_fp8_slots(strided[:, :, : lq - 5], s)
+        assert ragged.shape[2] == lq and not ragged[:, :, lq - 5 :].float().any()
+        assert torch.equal(ragged[:, :, : lq - s].float(), _to_fp8_slots(q, s)[0][:, :, : lq - s].float())
+        assert torch.equal(ragged_descale[..., :-1], q_descale[..., :-1])
         exact = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5)
         assert (out - exact).abs().max() < 0.1, (out - exact).abs().max()
     # Importance: two-pass kernel equals the materialised softmax.

@@ -52,6 +52,55 @@ def _cast_fp8_kernel(
     tl.store(target, (x * scale).to(tl.float8e4nv), mask=(rows < padded_length)[:, None])
 
 
+@triton.jit
+def _cast_fp8_slots_kernel(
+    x_ptr, y_ptr, descale_ptr, stride_b, stride_h, stride_l, heads, length, slots_per_head,
+    SLOTS: tl.constexpr, STRIDE: tl.constexpr, DIM: tl.constexpr, COLS: tl.constexpr,
+):
+    """Each stride slot (``STRIDE`` consecutive tokens, one row of the ``[L'/S, S·D]`` view)
+    scaled by ``240 / its own max |x|`` into float8 e4m3, ``max |x| / 240`` into ``descale``;
+    tokens ``>= length`` are zero. One pass: no separate max over the tensor."""
+    bh = tl.program_id(1)
+    slots = tl.program_id(0) * SLOTS + tl.arange(0, SLOTS)
+    cols = tl.arange(0, COLS)  # the slot's S·D values, padded to a power of two
+    in_slot = cols[None, :] < STRIDE * DIM
+    tokens = slots[:, None] * STRIDE + cols[None, :] // DIM
+    source = x_ptr + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    x = tl.load(
+        source + tokens.to(tl.int64) * stride_l + cols[None, :] % DIM, mask=in_slot & (tokens < length), other=0.0
+    ).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-6)
+    scale = _FP8_RANGE / amax
+    rows = bh.to(tl.int64) * slots_per_head + slots
+    in_head = slots < slots_per_head
+    tl.store(
+        y_ptr + rows[:, None] * (STRIDE * DIM) + cols[None, :],
+        (x * scale[:, None]).to(tl.float8e4nv),
+        mask=in_head[:, None] & in_slot,
+    )
+    tl.store(descale_ptr + rows, amax / _FP8_RANGE, mask=in_head)
+
+
+def _to_fp8_slots(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, H, L, D]`` (any strides, contiguous last dim) as a contiguous float8 e4m3
+    ``[B, H, L', D]`` (``L'`` rounded up to ``stride`` with zero rows), each stride slot scaled
+    to ``±240`` on its own, and the float32 ``[B, H, L'/stride]`` factors that undo the scales."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    batch, heads, length, dim = x.shape
+    slots = -(-length // stride)
+    out = torch.empty(batch, heads, slots * stride, dim, dtype=torch.float8_e4m3fn, device=x.device)
+    descale = torch.empty(batch, heads, slots, dtype=torch.float32, device=x.device)
+    cols = triton.next_power_of_2(stride * dim)
+    per_program = max(1, 4096 // cols)
+    grid = (triton.cdiv(slots, per_program), batch * heads)
+    _cast_fp8_slots_kernel[grid](
+        x, out, descale, x.stride(0), x.stride(1), x.stride(2), heads, length, slots,
+        SLOTS=per_program, STRIDE=stride, DIM=dim, COLS=cols,
+    )
+    return out, descale
+
+
 def _abs_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``max |x|`` as a float32 0-d tensor (into ``out`` if given): one reduction, no ``|x|``
     temporary."""
@@ -88,7 +137,7 @@ def _padded_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 @triton.jit
 def _antidiagonal_kernel(
-    q_desc, k_desc, slot_first_ptr, out_ptr, scratch_ptr, amax_ptr,
+    q_desc, k_desc, slot_first_ptr, out_ptr, scratch_ptr, q_descale_ptr, k_amax_ptr,
     stride_fb, stride_fh,
     stride_ob, stride_oh, stride_oq,
     q_len, q_offset, n_q_blocks, n_kv_blocks, q_heads, kv_heads, n_q_tiles, heads_total, n_programs,
@@ -102,9 +151,8 @@ def _antidiagonal_kernel(
     M: tl.constexpr = Q_BLOCKS * ROWS
     N: tl.constexpr = TILE_BLOCKS * ROWS
     pid = tl.program_id(0)
-    if FP8:  # undo the per-tensor scales of _cast_fp8_kernel (read on device: no host sync)
-        logit_scale = logit_scale * (tl.maximum(tl.load(amax_ptr), 1e-6) / _FP8_RANGE)
-        logit_scale = logit_scale * (tl.maximum(tl.load(amax_ptr + 1), 1e-6) / _FP8_RANGE)
+    if FP8:  # undo K's per-tensor scale (read on the device: no host sync); Q's are per row
+        logit_scale = logit_scale * (tl.maximum(tl.load(k_amax_ptr), 1e-6) / _FP8_RANGE)
 
     m_idx = tl.arange(0, M)
     n_idx = tl.arange(0, N)
@@ -132,6 +180,11 @@ def _antidiagonal_kernel(
         q_row = bh * q_rows_per_head + tile * M
         k_row = (b * kv_heads + h_kv) * k_rows_per_head
         f_head = slot_first_ptr + b * stride_fb + h_kv * stride_fh
+        if FP8:  # Q's per-slot scales (rows past the head's end are masked out at the end)
+            descale = tl.load(q_descale_ptr + q_row + m_idx, mask=tile * M + m_idx < q_rows_per_head, other=0.0)
+            row_scale = logit_scale * descale
+        else:
+            row_scale = tl.full([M], logit_scale, tl.float32)
 
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
@@ -145,7 +198,7 @@ def _antidiagonal_kernel(
             k_chunk = k_desc.load([k_row + j0 * ROWS, t * HEAD_DIM])
             acc = tl.dot(q_chunk, tl.trans(k_chunk), acc, input_precision=PRECISION)
             if t == STRIDE - 1:
-                logits = acc * logit_scale
+                logits = acc * row_scale[:, None]
                 if j0 + TILE_BLOCKS > all_visible:  # near the diagonal: compare positions
                     slot = j0 * ROWS + n_idx
                     first = tl.load(f_head + slot, mask=slot < kv_end * ROWS, other=_NOT_VISIBLE_POSITION)
@@ -211,8 +264,9 @@ def antidiagonal_block_scores_fused(
         key_order: long ``[B, Hkv, Lk]``.
         tile_slots, num_warps, num_stages: key slots per tile and Triton launch options
             (default: :func:`_launch_options` of the operand dtype).
-        fp8: multiply in float8 e4m3 (Hopper): Q and K are converted once, in one pass each,
-            with per-tensor scales to ``±240`` that the kernel reads on the device.
+        fp8: multiply in float8 e4m3 (Hopper): Q is converted in one pass, each stride slot
+            scaled to ``±240`` on its own; K (a quarter of Q's size under GQA) with one scale
+            from a max over the tensor. The kernel reads the scales on the device.
 
     Returns:
         float32 ``[B, Hq, nQ, nK]``.
@@ -230,11 +284,10 @@ def antidiagonal_block_scores_fused(
     # Positions fit int32 (half the registers of int64 in the kernel's visibility test).
     slot_first = block_min_position(key_order, layout.block_size, stride).clamp_(max=_INT32_MAX).int()
     out = torch.zeros(batch, q_heads, n_q, n_k, device=q.device, dtype=torch.float32)
-    amax = out  # only read in fp8
+    q_descale = k_amax = out  # only read in fp8
     if fp8:
-        amax = torch.empty(2, dtype=torch.float32, device=q.device)
-        _abs_max(q, amax[0]), _abs_max(k_perm, amax[1])
-        q_in, k_in = _to_fp8(q, amax[0:1], stride), _to_fp8(k_perm, amax[1:2], stride)
+        k_amax = _abs_max(k_perm).reshape(1)
+        (q_in, q_descale), k_in = _to_fp8_slots(q, stride), _to_fp8(k_perm, k_amax, stride)
     else:
         q_in, k_in = _padded_rows(q, stride), _padded_rows(k_perm, stride)
     # [B, H, L, D] -> [B·H·L/S, S·D]: row i of a head holds the tokens of stride slot i.
@@ -244,7 +297,7 @@ def antidiagonal_block_scores_fused(
     programs = min(n_q_tiles * batch * q_heads, n_sms)
     scratch = torch.empty(programs, q_blocks * rows, scratch_cols, device=q.device, dtype=torch.float32)
     _antidiagonal_kernel[(programs,)](
-        q_desc, k_desc, slot_first, out, scratch, amax,
+        q_desc, k_desc, slot_first, out, scratch, q_descale, k_amax,
         slot_first.stride(0), slot_first.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         q_len, layout.q_offset, n_q, n_k, q_heads, kv_heads, n_q_tiles, batch * q_heads, programs,

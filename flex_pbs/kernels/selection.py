@@ -98,12 +98,20 @@ def _select_row_kernel(
 
 
 def select_and_index_fused(
-    scores: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig
+    scores: torch.Tensor,
+    key_order: torch.Tensor,
+    layout: BlockLayout,
+    config: PBSConfig,
+    *,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Fused equivalent of the select stage plus the BlockMask index construction.
 
     Args:
         scores: float32 ``[B, Hq, nQ, nK]``; key_order: long ``[B, Hkv, Lk]``.
+        num_warps: warps per row (Triton launch option). Default: 1 with a ``max_density``
+            budget (64 bisection steps, each a row reduction: one warp reduces without
+            barriers), 4 without; on an H100 at 128K, 0.71 vs 0.91 ms and 0.55 vs 0.60 ms.
 
     Returns:
         ``(selected bool [B, Hq, nQ, nK], (kv_num, kv_indices, full_num, full_indices))``
@@ -130,7 +138,7 @@ def select_and_index_fused(
         COLS=triton.next_power_of_2(n_k), BISECT_STEPS=32,
         KEEP_ALL=config.threshold >= 1.0, HAS_BUDGET=config.max_density is not None,
         COUNT_FORCED=config.threshold_counts_forced, FORCE_SINK=config.force_sink,
-        num_warps=4,
+        num_warps=num_warps or (1 if config.max_density is not None else 4),
     )
     kv_idx, full_idx = lists[..., :n_k], lists[..., partial_width:]
     return selected.view(torch.bool), (kv_num, kv_idx, full_num, full_idx)
