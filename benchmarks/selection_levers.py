@@ -23,6 +23,10 @@ computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by r
   runs on the wider rows with the same forced span (the query block's own keys, 512 tokens before
   them, key block 0). Does it keep the quality that 64-token blocks gain?
 
+``--scoring`` and ``--stride`` set the engine's scorer for every line (the CSV line then reads
+``key64 stride=4``, ``key64 scoring=oracle``: exact block mass, the bound any estimate of it
+can reach).
+
 Writes ``<text>_<length>.csv`` (readable by ``quality_at_density.py``) and ``summary.md`` under
 ``benchmarks/quality/segment128/levers/selection_levers/``; rows already in a CSV are reused.
 About 2 minutes per pass on 2 CPU threads at 8K. The committed results::
@@ -31,6 +35,8 @@ About 2 minutes per pass on 2 CPU threads at 8K. The committed results::
     .venv/bin/python benchmarks/selection_levers.py --texts prose --thresholds 0.9 --taus --lines engine compensation
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 --taus --lines compensation --oracle-mass
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64
+    .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64 --stride 4
+    .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64 --scoring oracle
 """
 
 from __future__ import annotations
@@ -171,19 +177,20 @@ class LeverAttention:
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def evaluate(session: Session, ids: torch.Tensor, line: str, threshold: float | None, tau: float | None,
-             compensate: str) -> dict[str, Any]:
-    """One forward pass of a line (``dense``, ``engine_native`` = the engine itself, or a lever)."""
+def evaluate(session: Session, ids: torch.Tensor, line: str, base: PBSConfig, threshold: float | None,
+             tau: float | None, compensate: str) -> dict[str, Any]:
+    """One forward pass of a line (``dense``, ``engine_native`` = the engine itself, or a lever),
+    the engine configured as ``base`` at ``threshold``."""
     if line == "dense":
         with attention(session, None):
             output, wall = timed_forward(session, ids)
         density = 1.0
     elif line == "engine_native":
-        with attention(session, PBSConfig(threshold=threshold), collect_stats=True):
+        with attention(session, base.replace(threshold=threshold), collect_stats=True):
             output, wall = timed_forward(session, ids)
             density = stats_summary(flex_pbs.stats(session.model))["density"]
     else:
-        function = LeverAttention(PBSConfig(threshold=threshold), line, tau, compensate)
+        function = LeverAttention(base.replace(threshold=threshold), line, tau, compensate)
         with experimental_attention(session, ATTENTION_NAME, function):
             output, wall = timed_forward(session, ids)
         density = sum(function.density.values()) / len(function.density)
@@ -192,8 +199,15 @@ def evaluate(session: Session, ids: torch.Tensor, line: str, threshold: float | 
             "density": density, "wall_s": wall}
 
 
-def run_name(line: str, compensate: str) -> str:
-    return "compensation_oracle_mass" if line == "compensation" and compensate == "oracle_mass" else line
+def run_name(line: str, compensate: str, base: PBSConfig) -> str:
+    """The CSV line: the lever, then what differs from the default scorer (``key64 stride=4``)."""
+    name = "compensation_oracle_mass" if line == "compensation" and compensate == "oracle_mass" else line
+    if line == "dense":
+        return name
+    default = PBSConfig()
+    changed = [f"{field}={getattr(base, field)}" for field in ("scoring", "stride")
+               if getattr(base, field) != getattr(default, field)]
+    return " ".join([name, *changed])
 
 
 def main() -> None:
@@ -204,6 +218,8 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9], help="engine and compensation")
     parser.add_argument("--taus", type=float, nargs="*", default=[0.01, 0.02], help="absolute (threshold 0.9 plan)")
     parser.add_argument("--oracle-mass", action="store_true", help="compensation with exact skipped mass (probe)")
+    parser.add_argument("--scoring", default=PBSConfig().scoring, help="the engine's block scores (PBSConfig.scoring)")
+    parser.add_argument("--stride", type=int, default=PBSConfig().stride, help="antidiagonal stride")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -212,6 +228,7 @@ def main() -> None:
     model, tokenizer = load_smollm2("sdpa")
     session = Session(model, tokenizer, random_weights=False, device="cpu")
     compensate = "oracle_mass" if args.oracle_mass else "mean"
+    base = PBSConfig(scoring=args.scoring, stride=args.stride)
 
     for text in args.texts:
         ids = token_ids(tokenizer, text, args.length)
@@ -225,15 +242,15 @@ def main() -> None:
             if line == "absolute":
                 wanted += [("absolute", 0.9, tau) for tau in args.taus]
             else:
-                wanted += [(run_name(line, compensate), t, None) for t in args.thresholds]
+                wanted += [(line, t, None) for t in args.thresholds]
                 if line == "engine":
                     wanted += [("engine_native", t, None) for t in args.thresholds]
-        for name, threshold, tau in wanted:
+        for line, threshold, tau in wanted:
+            name = run_name(line, compensate, base)
             key = (name, "" if threshold is None else str(threshold), "" if tau is None else str(tau))
             if key in rows:
                 continue
-            line = "compensation" if name.startswith("compensation") else name
-            row = evaluate(session, ids, line, threshold, tau, compensate)
+            row = evaluate(session, ids, line, base, threshold, tau, compensate)
             dense = rows.get(("dense", "", ""), row)
             row.update(
                 text=text, seq_len=args.length, line=name, method=name, threshold=key[1], tau=key[2],
