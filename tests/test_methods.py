@@ -13,7 +13,10 @@ def test_methods_are_configurations_of_one_engine():
         scoring="mean", permute="none", force_local_blocks=0, threshold=0.8
     )
     assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key", segment_size=256)
-    assert set(METHODS) == {"dense", "pbs", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
+    fine = method_config("pbs_fine")
+    assert (fine.block_size, fine.segment_size, fine.stride) == (64, 64, 2)
+    assert fine.force_local_blocks * fine.block_size == PBSConfig().force_local_blocks * PBSConfig().block_size
+    assert set(METHODS) == {"dense", "pbs", "pbs_fine", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
 
 
 def test_unknown_method_and_bad_overrides():
