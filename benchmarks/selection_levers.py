@@ -25,7 +25,7 @@ computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by r
 
 ``--scoring`` and ``--stride`` set the engine's scorer for every line (the CSV line then reads
 ``key64 stride=4``, ``key64 scoring=oracle``: exact block mass, the bound any estimate of it
-can reach).
+can reach). ``--score-power p`` selects on scores raised to ``p`` (line ``engine power=0.5``).
 
 Writes ``<text>_<length>.csv`` (readable by ``quality_at_density.py``) and ``summary.md`` under
 ``benchmarks/quality/segment128/levers/selection_levers/``; rows already in a CSV are reused.
@@ -37,6 +37,8 @@ About 2 minutes per pass on 2 CPU threads at 8K. The committed results::
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64 --stride 4
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64 --scoring oracle
+    .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.75 0.8 --taus --lines engine --score-power 0.5
+    .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.8 0.85 --taus --lines engine --score-power 0.7
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ def absolute_selection(plan: PBSPlan, causal: torch.Tensor, config: PBSConfig, t
     forced = forced_blocks(plan.key_order, plan.layout, config).expand_as(plan.causal_blocks)
     share = plan.block_scores / plan.block_scores.sum(dim=-1, keepdim=True)
     return causal & (forced.repeat_interleave(group, dim=1) | (share >= tau))
+
+
+def powered_selection(plan: PBSPlan, causal: torch.Tensor, config: PBSConfig, power: float) -> torch.Tensor:
+    """bool ``[B, Hq, nQ, nK]``: the engine's threshold rule on block scores raised to ``power``.
+    Below 1 it flattens every row's estimate, so at the same overall density peaked rows keep
+    more blocks and diffuse rows fewer (exact masses, sharper than the estimate, did worse)."""
+    group = causal.shape[1] // plan.key_order.shape[1]
+    forced = forced_blocks(plan.key_order, plan.layout, config).expand_as(plan.causal_blocks)
+    return select_blocks(
+        plan.block_scores.clamp_min(0) ** power, candidates=causal, forced=forced.repeat_interleave(group, dim=1),
+        threshold=config.threshold, counts_forced=config.threshold_counts_forced,
+    )
 
 
 def masked_attention(
@@ -151,6 +165,7 @@ class LeverAttention:
     line: str
     tau: float | None = None
     compensate: str = "mean"
+    power: float = 1.0
     density: dict[int, float] = field(default_factory=dict)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -169,7 +184,12 @@ class LeverAttention:
         else:
             plan = build_plan(query, key, self.config, scale=scale)
             causal = plan.causal_blocks.repeat_interleave(group, dim=1)
-            selected = absolute_selection(plan, causal, self.config, self.tau) if self.line == "absolute" else plan.block_mask
+            if self.line == "absolute":
+                selected = absolute_selection(plan, causal, self.config, self.tau)
+            elif self.power != 1.0:
+                selected = powered_selection(plan, causal, self.config, self.power)
+            else:
+                selected = plan.block_mask
         self.density[module.layer_idx] = float(selected.sum() / causal.sum())
         q, k, v = query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1)
         compensate = self.compensate if self.line == "compensation" else None
@@ -178,7 +198,7 @@ class LeverAttention:
 
 
 def evaluate(session: Session, ids: torch.Tensor, line: str, base: PBSConfig, threshold: float | None,
-             tau: float | None, compensate: str) -> dict[str, Any]:
+             tau: float | None, compensate: str, power: float = 1.0) -> dict[str, Any]:
     """One forward pass of a line (``dense``, ``engine_native`` = the engine itself, or a lever),
     the engine configured as ``base`` at ``threshold``."""
     if line == "dense":
@@ -190,7 +210,7 @@ def evaluate(session: Session, ids: torch.Tensor, line: str, base: PBSConfig, th
             output, wall = timed_forward(session, ids)
             density = stats_summary(flex_pbs.stats(session.model))["density"]
     else:
-        function = LeverAttention(base.replace(threshold=threshold), line, tau, compensate)
+        function = LeverAttention(base.replace(threshold=threshold), line, tau, compensate, power)
         with experimental_attention(session, ATTENTION_NAME, function):
             output, wall = timed_forward(session, ids)
         density = sum(function.density.values()) / len(function.density)
@@ -199,7 +219,7 @@ def evaluate(session: Session, ids: torch.Tensor, line: str, base: PBSConfig, th
             "density": density, "wall_s": wall}
 
 
-def run_name(line: str, compensate: str, base: PBSConfig) -> str:
+def run_name(line: str, compensate: str, base: PBSConfig, power: float = 1.0) -> str:
     """The CSV line: the lever, then what differs from the default scorer (``key64 stride=4``)."""
     name = "compensation_oracle_mass" if line == "compensation" and compensate == "oracle_mass" else line
     if line == "dense":
@@ -207,6 +227,8 @@ def run_name(line: str, compensate: str, base: PBSConfig) -> str:
     default = PBSConfig()
     changed = [f"{field}={getattr(base, field)}" for field in ("scoring", "stride")
                if getattr(base, field) != getattr(default, field)]
+    if power != 1.0 and line not in ("engine_native", "absolute", "key64"):
+        changed.append(f"power={power}")
     return " ".join([name, *changed])
 
 
@@ -220,6 +242,8 @@ def main() -> None:
     parser.add_argument("--oracle-mass", action="store_true", help="compensation with exact skipped mass (probe)")
     parser.add_argument("--scoring", default=PBSConfig().scoring, help="the engine's block scores (PBSConfig.scoring)")
     parser.add_argument("--stride", type=int, default=PBSConfig().stride, help="antidiagonal stride")
+    parser.add_argument("--score-power", type=float, default=1.0,
+                        help="select on block scores raised to this power (lines other than absolute)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -243,14 +267,14 @@ def main() -> None:
                 wanted += [("absolute", 0.9, tau) for tau in args.taus]
             else:
                 wanted += [(line, t, None) for t in args.thresholds]
-                if line == "engine":
+                if line == "engine" and args.score_power == 1.0:
                     wanted += [("engine_native", t, None) for t in args.thresholds]
         for line, threshold, tau in wanted:
-            name = run_name(line, compensate, base)
+            name = run_name(line, compensate, base, args.score_power)
             key = (name, "" if threshold is None else str(threshold), "" if tau is None else str(tau))
             if key in rows:
                 continue
-            row = evaluate(session, ids, line, base, threshold, tau, compensate)
+            row = evaluate(session, ids, line, base, threshold, tau, compensate, args.score_power)
             dense = rows.get(("dense", "", ""), row)
             row.update(
                 text=text, seq_len=args.length, line=name, method=name, threshold=key[1], tau=key[2],
