@@ -84,6 +84,7 @@ def test_tuned_kernel_options_only_where_measured():
     assert flex.cuda_kernel_options(64, (128, 128), (5000, 5000), hopper) is None
     assert flex.cuda_kernel_options(128, (128, 128), (5000, 5000), ampere) is None
     assert flex.cuda_kernel_options(128, (64, 64), (5000, 5000), hopper) == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert flex.cuda_kernel_options(128, (256, 256), (5000, 5000), hopper) is None  # not measured
 
 
 @pytest.mark.parametrize("q_len, kv_len, whole", [(131072, 131072, True), (4096, 12288, True), (4096, 12300, False),
