@@ -78,10 +78,9 @@ from flex_pbs.data import TEXTS, token_ids
 from flex_pbs.integrations.transformers import PBSMask
 from flex_pbs.layout import BlockLayout, block_min_position
 from flex_pbs.methods import method_config
-from flex_pbs.models import load_smollm2
 from flex_pbs.permutation import identity_key_order, key_importance, permute_keys, segment_key_order
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
-from flex_pbs.runner.session import Session, attention, experimental_attention
+from flex_pbs.runner.session import Session, attention, experimental_attention, smollm2_session
 from flex_pbs.runner.tasks import relative_change_pct
 from flex_pbs.scoring import antidiagonal_block_scores
 from flex_pbs.selection import forced_blocks, select_blocks
@@ -510,15 +509,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_smollm2("sdpa")
-    session = Session(model, tokenizer, random_weights=False, device="cpu")
+    session = smollm2_session()
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sanity": {}, "rows": []}
     if args.sanity:
         report["sanity"]["scorer identity vs engine: max |Δ|"] = scorer_check()
     print(TABLE_HEADER, flush=True)
     for text in args.texts:
         for length in args.lengths:
-            runs = Runs(session, text, token_ids(tokenizer, text, length), args.out / f"{text}_{length}.csv")
+            runs = Runs(session, text, token_ids(session.tokenizer, text, length), args.out / f"{text}_{length}.csv")
             runs.get(None, None)
             if text in args.sanity:
                 checks = sanity_checks(runs, args.sanity_criterion)

@@ -58,9 +58,8 @@ from flex_pbs import PBSConfig, build_plan
 from flex_pbs.attention import PBSPlan
 from flex_pbs.data import TEXTS, token_ids
 from flex_pbs.integrations.transformers import PBSMask
-from flex_pbs.models import load_smollm2
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
-from flex_pbs.runner.session import Session, attention, experimental_attention
+from flex_pbs.runner.session import Session, attention, experimental_attention, smollm2_session
 from flex_pbs.runner.tasks import relative_change_pct
 from flex_pbs.selection import forced_blocks, select_blocks
 
@@ -249,13 +248,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_smollm2("sdpa")
-    session = Session(model, tokenizer, random_weights=False, device="cpu")
+    session = smollm2_session()
     compensate = "oracle_mass" if args.oracle_mass else "mean"
     base = PBSConfig(scoring=args.scoring, stride=args.stride)
 
     for text in args.texts:
-        ids = token_ids(tokenizer, text, args.length)
+        ids = token_ids(session.tokenizer, text, args.length)
         path = args.out / f"{text}_{args.length}.csv"
         rows = {}
         if path.is_file():

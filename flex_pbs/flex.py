@@ -72,7 +72,7 @@ def cuda_kernel_options(
     tiles = tuple(largest_tile_dividing(size) for size in block_size)
     if tiles != (128, 128):
         options = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
-    elif tuple(block_size) == (128, 128) and head_dim == 128 and capability == (9, 0):
+    elif block_size == (128, 128) and head_dim == 128 and capability == (9, 0):
         options = dict(HOPPER_D128_OPTIONS)
     else:
         options = {}

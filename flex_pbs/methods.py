@@ -18,8 +18,9 @@ name                  scoring       permute  segment  local  what it is
 ``force_local_blocks``. ``pbs_fine`` halves the block (its local window is the same 512 tokens)
 and samples four times as many antidiagonals (``stride=2``): on the bundled model at 8K it loses
 +0.95% perplexity at density 0.25 on code where ``pbs`` loses +1.65%, but on an H100 its 64-row
-tiles and denser scoring take about 2.7x ``pbs``'s time at equal density (README, "Quality"). The permuted methods sort keys inside 256-token segments, as in the
-paper; ``xattention`` and ``pbs_antidiagonal`` differ in the permutation and the segment (so
+tiles and denser scoring take about 2.7x ``pbs``'s time at equal density (README, "Quality").
+
+The permuted methods sort keys inside 256-token segments, as in the paper; ``xattention`` and ``pbs_antidiagonal`` differ in the permutation and the segment (so
 do ``meanpool`` and ``pbs_mean``): ``method.segment_size=256`` gives the unpermuted methods the
 same diagonal segment.
 """

@@ -63,6 +63,12 @@ def byte_tokenizer():
 _LOADED: dict[tuple, Session] = {}
 
 
+def smollm2_session(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Session:
+    """A session on the bundled SmolLM2-135M-Instruct, in eval mode with ``sdpa`` attention."""
+    model, tokenizer = models.load_smollm2("sdpa", dtype, device)
+    return Session(model, tokenizer, random_weights=False, device=device)
+
+
 def load_session(spec: RunSpec) -> Session:
     """Load (or reuse) the model of a run, in eval mode with ``sdpa`` attention."""
     seed = None if spec.model.source == "smollm2" else spec.seed
@@ -71,8 +77,7 @@ def load_session(spec: RunSpec) -> Session:
         _LOADED.clear()
         log.info("loading model %s", spec.model.name)
         if spec.model.source == "smollm2":
-            model, tokenizer = models.load_smollm2("sdpa", spec.dtype, spec.device)
-            session = Session(model, tokenizer, random_weights=False, device=spec.device)
+            session = smollm2_session(spec.dtype, spec.device)
         else:
             model = models.random_model(random_model_config(spec.model), "sdpa", seed=spec.seed, dtype=spec.dtype)
             session = Session(model.to(spec.device), byte_tokenizer(), random_weights=True, device=spec.device)
