@@ -75,12 +75,13 @@ import torch.nn.functional as F
 import flex_pbs
 from flex_pbs import PBSConfig
 from flex_pbs.data import TEXTS, token_ids
-from flex_pbs.integrations.transformers import PBSMask
 from flex_pbs.layout import BlockLayout, block_min_position
 from flex_pbs.methods import method_config
 from flex_pbs.permutation import identity_key_order, key_importance, permute_keys, segment_key_order
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
-from flex_pbs.runner.session import Session, attention, experimental_attention, smollm2_session
+from flex_pbs.runner.session import (
+    Session, attention, experimental_attention, smollm2_session, whole_prefill_scale,
+)
 from flex_pbs.runner.tasks import relative_change_pct
 from flex_pbs.scoring import antidiagonal_block_scores
 from flex_pbs.selection import forced_blocks, select_blocks
@@ -304,11 +305,7 @@ class PermutedAttention:
     plans: dict[int, LayerPlan] = dataclasses.field(default_factory=dict)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if not (isinstance(attention_mask, PBSMask) and attention_mask.causal and attention_mask.padding is None):
-            raise ValueError("this experiment runs unpadded causal prefill only")
-        if attention_mask.q_offset or query.shape[2] % self.config.block_size:
-            raise ValueError("prefill from position 0 of a multiple of the block size only")
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scale = whole_prefill_scale(attention_mask, query, self.config.block_size, scaling)
         out, self.plans[module.layer_idx] = permuted_attention(query, key, value, self.config, self.criterion, scale)
         return out.transpose(1, 2).contiguous(), None
 

@@ -57,9 +57,10 @@ import flex_pbs
 from flex_pbs import PBSConfig, build_plan
 from flex_pbs.attention import PBSPlan
 from flex_pbs.data import TEXTS, token_ids
-from flex_pbs.integrations.transformers import PBSMask
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
-from flex_pbs.runner.session import Session, attention, experimental_attention, smollm2_session
+from flex_pbs.runner.session import (
+    Session, attention, experimental_attention, smollm2_session, whole_prefill_scale,
+)
 from flex_pbs.runner.tasks import relative_change_pct
 from flex_pbs.selection import forced_blocks, select_blocks
 
@@ -168,11 +169,7 @@ class LeverAttention:
     density: dict[int, float] = field(default_factory=dict)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if not (isinstance(attention_mask, PBSMask) and attention_mask.causal and attention_mask.padding is None):
-            raise ValueError("this experiment runs unpadded causal prefill only")
-        if attention_mask.q_offset or query.shape[2] % self.config.block_size:
-            raise ValueError("prefill from position 0 of a multiple of the block size only")
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scale = whole_prefill_scale(attention_mask, query, self.config.block_size, scaling)
         group = query.shape[1] // key.shape[1]
         block_sizes = (self.config.block_size, self.config.block_size)
         if self.line == "key64":

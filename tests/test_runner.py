@@ -296,3 +296,28 @@ def test_experimental_attention_runs_a_function_of_ones_own_and_cleans_up():
     torch.testing.assert_close(after, reference, rtol=0, atol=0)
     assert model.config._attn_implementation == "sdpa"
     assert "test_experiment" not in AttentionInterface._global_mapping
+
+
+def test_whole_prefill_scale_checks_what_experiments_handle():
+    """Experiment attention functions run unpadded causal prefill from position 0 over whole blocks:
+    anything else fails with a message; otherwise the scale is the given one or 1/sqrt(D)."""
+    import torch
+
+    from flex_pbs.integrations.transformers import PBSMask
+
+    query = torch.zeros(1, 2, 256, 64)
+    prefill = PBSMask(None, 256, 0, 256, True)
+    assert session.whole_prefill_scale(prefill, query, 128, None) == 0.125
+    assert session.whole_prefill_scale(prefill, query, 128, 0.3) == 0.3
+    refused = {
+        "no PBSMask": None,
+        "padded": PBSMask(torch.ones(1, 256, dtype=torch.bool), 256, 0, 256, True),
+        "not causal": PBSMask(None, 256, 0, 256, False),
+    }
+    for mask in refused.values():
+        with pytest.raises(ValueError, match="unpadded causal prefill"):
+            session.whole_prefill_scale(mask, query, 128, None)
+    with pytest.raises(ValueError, match="position 0"):
+        session.whole_prefill_scale(PBSMask(None, 256, 128, 384, True), query, 128, None)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        session.whole_prefill_scale(prefill, query, 96, None)

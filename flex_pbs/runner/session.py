@@ -163,3 +163,17 @@ def experimental_attention(session: Session, name: str, function: Any) -> Iterat
         session.model.set_attn_implementation("sdpa")
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def whole_prefill_scale(attention_mask: Any, query: torch.Tensor, block_size: int, scaling: float | None) -> float:
+    """The softmax scale for an experiment's attention function (``scaling`` or ``1/sqrt(D)``),
+    after checking that the call is what such experiments handle: unpadded causal prefill from
+    position 0 (a :class:`~flex_pbs.integrations.transformers.PBSMask`, as
+    :func:`experimental_attention` provides) over a multiple of ``block_size`` tokens."""
+    from ..integrations.transformers import PBSMask
+
+    if not (isinstance(attention_mask, PBSMask) and attention_mask.causal and attention_mask.padding is None):
+        raise ValueError("this experiment runs unpadded causal prefill only")
+    if attention_mask.q_offset or query.shape[2] % block_size:
+        raise ValueError("prefill from position 0 of a multiple of the block size only")
+    return scaling if scaling is not None else query.shape[-1] ** -0.5
