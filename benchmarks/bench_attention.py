@@ -103,7 +103,8 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             cfg = PBSConfig(threshold=threshold, block_size=args.block_size, segment_size=args.segment_size,
                             stride=args.stride, scoring=args.scoring, permute=args.permute,
                             force_local_blocks=args.force_local_blocks, backend=backend,
-                            max_density=args.max_density, scoring_fp8=args.scoring_fp8)
+                            max_density=args.max_density, scoring_fp8=args.scoring_fp8,
+                            peak_weight=args.peak_weight)
             layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
             pbs_attention(q, k, v, cfg)  # compiles
             torch.cuda.empty_cache()
@@ -129,6 +130,7 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             overhead = sum(stages[s] for s in ("permute", "score", "select", "build"))
             name = f"pbs thr={threshold} permute={args.permute} local={args.force_local_blocks}"
             name += f" S={args.stride}" + (" fp8" if args.scoring_fp8 else "")
+            name += f" block={args.block_size}" + (f" peak={args.peak_weight}" if args.peak_weight else "")
             row = {**base, "method": name, "threshold": threshold, "backend": backend,
                    "ms": total, "speedup": sdpa_ms / total, "density": plan.density, "recall": recall,
                    "peak_gib": peak,
@@ -210,6 +212,7 @@ def correctness_check(args) -> dict:
 
 SCORER_CONFIGS = [  # (tile_slots, num_warps, num_stages, fp8); more were tried: NOTES.md
     (128, 8, 3, False), (256, 8, 2, False), (128, 8, 4, True), (256, 8, 3, True), (256, 8, 4, True),
+    (64, 4, 3, True), (64, 8, 3, True), (128, 4, 3, True), (128, 8, 3, True),  # for --peak-weight
 ]
 # None: flex_pbs's default_kernel_options; {}: FlexAttention's own defaults. Others tried: NOTES.md.
 FLEX_OPTIONS = [None, {}]
@@ -231,7 +234,8 @@ def tune(args) -> list[dict]:
         reference = None
         for tile_slots, warps, stages, fp8 in SCORER_CONFIGS if not args.tune_attend_only else []:
             name = f"score slots={tile_slots} warps={warps} stages={stages} fp8={fp8}"
-            kwargs = dict(tile_slots=tile_slots, num_warps=warps, num_stages=stages, fp8=fp8)
+            kwargs = dict(tile_slots=tile_slots, num_warps=warps, num_stages=stages, fp8=fp8,
+                          peak_weight=args.peak_weight)
             try:
                 def run():
                     return antidiagonal_block_scores_fused(q, k_perm, key_order, layout, args.stride, scale, **kwargs)
@@ -297,6 +301,7 @@ def main(argv=None) -> None:
                         help="256 or more with --permute key")
     parser.add_argument("--stride", type=int, default=defaults.stride)
     parser.add_argument("--scoring", default=defaults.scoring)
+    parser.add_argument("--peak-weight", type=float, default=defaults.peak_weight, help="PBSConfig.peak_weight")
     parser.add_argument("--permute", default=defaults.permute)
     parser.add_argument("--force-local-blocks", type=int, default=defaults.force_local_blocks)
     parser.add_argument("--max-density", type=float, default=None)

@@ -51,9 +51,9 @@ def chunked_exact(length: int, q_len: int) -> dict:
             "ok": err < 2 * sdpa_err + 1e-3}
 
 
-def fp8_scoring(length: int) -> dict:
+def fp8_scoring(length: int, peak_weight: float = 0.0) -> dict:
     """The fp8 cast kernels equal torch's casts (per tensor for K, per stride slot for Q); fp8
-    block scores select nearly the bf16 blocks."""
+    block scores select nearly the bf16 blocks (also with a peak estimate mixed in)."""
     from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
 
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=3)
@@ -70,9 +70,10 @@ def fp8_scoring(length: int) -> dict:
     # boundary may round the other way, so a few codes may differ by one step.
     slot_cast_mismatch = float((q8.view(torch.uint8) != reference).float().mean())
     descale_ok = torch.allclose(descale, slot_max.squeeze(-1) / 240.0, rtol=1e-6, atol=0)
-    bf16, fp8 = build_plan(q, k, PBSConfig(threshold=0.9)), build_plan(q, k, PBSConfig(threshold=0.9, scoring_fp8=True))
+    cfg = PBSConfig(threshold=0.9, peak_weight=peak_weight)
+    bf16, fp8 = build_plan(q, k, cfg), build_plan(q, k, cfg.replace(scoring_fp8=True))
     differ = float((bf16.block_mask != fp8.block_mask).float().mean())
-    return {"check": f"fp8 scoring L={length}", "cast_equal": cast_equal, "slot_cast_mismatch": slot_cast_mismatch,
+    return {"check": f"fp8 scoring L={length} peak_weight={peak_weight}", "cast_equal": cast_equal, "slot_cast_mismatch": slot_cast_mismatch,
             "slot_descale_ok": descale_ok, "blocks_differ": differ, "density": [bf16.density, fp8.density],
             "ok": cast_equal and slot_cast_mismatch < 1e-4 and descale_ok and differ < 0.05}
 
@@ -105,7 +106,7 @@ def fused_vs_torch_plan(length: int) -> dict:
             "density": [fused.density, plain.density], "ok": differ < 0.01}
 
 
-def fused_scores_vs_torch(dtype: torch.dtype) -> dict:
+def fused_scores_vs_torch(dtype: torch.dtype, peak_weight: float = 0.0, block_size: int = 128) -> dict:
     """The fused scorer against the plain-torch one (fp32 arithmetic) on permuted keys, chunked
     prefill and lengths that are not a multiple of the stride (zero-padded rows)."""
     from flex_pbs.kernels.antidiagonal import antidiagonal_block_scores_fused
@@ -116,13 +117,14 @@ def fused_scores_vs_torch(dtype: torch.dtype) -> dict:
     q, k, _ = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=9003, head_dim=128, seed=5)
     q, k = q[:, :, -5001:].cuda().to(dtype), k.cuda().to(dtype)
     offset = k.shape[2] - q.shape[2]
-    order = segment_key_order(key_importance(q.float(), k.float(), 128, 128**-0.5, offset), 256)
+    order = segment_key_order(key_importance(q.float(), k.float(), block_size, 128**-0.5, offset), 2 * block_size)
     k_perm = permute_keys(k, order)
-    layout = BlockLayout(q.shape[2], k.shape[2], offset, 128, 256)
-    ref = antidiagonal_block_scores(q.float(), k_perm.float(), order, layout, 8, 128**-0.5)
-    out = antidiagonal_block_scores_fused(q.transpose(1, 2).contiguous().transpose(1, 2), k_perm, order, layout, 8, 128**-0.5)
+    layout = BlockLayout(q.shape[2], k.shape[2], offset, block_size, 2 * block_size)
+    ref = antidiagonal_block_scores(q.float(), k_perm.float(), order, layout, 8, 128**-0.5, peak_weight=peak_weight)
+    out = antidiagonal_block_scores_fused(q.transpose(1, 2).contiguous().transpose(1, 2), k_perm, order, layout, 8,
+                                          128**-0.5, peak_weight=peak_weight)
     err = float((out - ref).abs().max())
-    return {"check": f"fused scores vs torch {dtype}", "max_abs_diff": err, "ok": err < (1e-3 if dtype == torch.float32 else 2e-2)}
+    return {"check": f"fused scores vs torch {dtype} peak_weight={peak_weight} block={block_size}", "max_abs_diff": err, "ok": err < (1e-3 if dtype == torch.float32 else 2e-2)}
 
 
 def no_host_sync(length: int = 8192) -> dict:
@@ -194,6 +196,10 @@ def main() -> None:
         lambda: fp8_scoring(16384),
         lambda: fused_scores_vs_torch(torch.float32),
         lambda: fused_scores_vs_torch(torch.bfloat16),
+        lambda: fused_scores_vs_torch(torch.float32, 0.5),
+        lambda: fused_scores_vs_torch(torch.bfloat16, 0.5),
+        lambda: fused_scores_vs_torch(torch.bfloat16, 0.5, block_size=64),
+        lambda: fp8_scoring(16384, 0.5),
         no_host_sync,
         grad_inputs,
     ]

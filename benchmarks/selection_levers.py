@@ -223,6 +223,8 @@ def run_name(line: str, compensate: str, base: PBSConfig, power: float = 1.0) ->
     default = PBSConfig()
     changed = [f"{field}={getattr(base, field)}" for field in ("scoring", "stride")
                if getattr(base, field) != getattr(default, field)]
+    if base.peak_weight:
+        changed.append(f"peak_weight={base.peak_weight}")
     if power != 1.0 and line not in ("engine_native", "absolute", "key64"):
         changed.append(f"power={power}")
     return " ".join([name, *changed])
@@ -238,6 +240,7 @@ def main() -> None:
     parser.add_argument("--oracle-mass", action="store_true", help="compensation with exact skipped mass (probe)")
     parser.add_argument("--scoring", default=PBSConfig().scoring, help="the engine's block scores (PBSConfig.scoring)")
     parser.add_argument("--stride", type=int, default=PBSConfig().stride, help="antidiagonal stride")
+    parser.add_argument("--peak-weight", type=float, default=0.0, help="PBSConfig.peak_weight (named in the line)")
     parser.add_argument("--score-power", type=float, default=1.0,
                         help="select on block scores raised to this power (lines other than absolute)")
     parser.add_argument("--threads", type=int, default=2)
@@ -247,7 +250,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     session = smollm2_session()
     compensate = "oracle_mass" if args.oracle_mass else "mean"
-    base = PBSConfig(scoring=args.scoring, stride=args.stride)
+    base = PBSConfig(scoring=args.scoring, stride=args.stride, peak_weight=args.peak_weight)
 
     for text in args.texts:
         ids = token_ids(session.tokenizer, text, args.length)

@@ -176,7 +176,8 @@ def score_stage(
 
         if antidiagonal.supports(q, config.block_size, config.stride):
             return antidiagonal.antidiagonal_block_scores_fused(
-                q, k_perm, key_order, layout, config.stride, scale, fp8=config.scoring_fp8
+                q, k_perm, key_order, layout, config.stride, scale,
+                fp8=config.scoring_fp8, peak_weight=config.peak_weight,
             )
     return estimate_block_scores(q, k_perm, key_order, layout, config, scale)
 

@@ -49,6 +49,10 @@ class PBSConfig:
             ``"mean"`` (softmax of mean-pooled Q·K, the PBS paper) or ``"oracle"`` (the exact
             attention mass of every block: O(L²), an upper bound for analysis only).
         stride: antidiagonal stride S; must divide ``block_size``.
+        peak_weight: the share of the *peak* estimate (softmax of each antidiagonal's largest
+            product, which keeps one strong query-key pair that the mean of ``S`` products
+            dilutes) mixed into XAttention's mean estimate; ``0.0`` is XAttention's scoring.
+            Only the antidiagonal scorer has it (``mean`` and ``oracle`` ignore it).
         permute: ``"key"`` sorts keys inside segments by importance to the last query
             block; ``"none"`` keeps the original order.
         force_sink: always compute the block holding original token 0.
@@ -79,6 +83,7 @@ class PBSConfig:
     threshold: float = 0.9
     scoring: str = "antidiagonal"
     stride: int = 8
+    peak_weight: float = 0.0
     permute: str = "none"
     force_sink: bool = True
     dense_below: int = 0
@@ -106,6 +111,10 @@ class PBSConfig:
             )
         _require_fraction("threshold", self.threshold)
         _require_fraction("max_density", self.max_density, allow_none=True)
+        if isinstance(self.peak_weight, bool) or not isinstance(self.peak_weight, (int, float)):
+            raise TypeError(f"PBSConfig.peak_weight must be a float in [0, 1], got {self.peak_weight!r}")
+        if not 0.0 <= float(self.peak_weight) <= 1.0:
+            raise ValueError(f"PBSConfig.peak_weight must be in [0, 1], got {self.peak_weight}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.permute not in PERMUTES:

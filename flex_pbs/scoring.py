@@ -58,22 +58,27 @@ def antidiagonal_block_scores(
     stride: int,
     scale: float,
     chunk_blocks: int = 16,
+    peak_weight: float = 0.0,
 ) -> torch.Tensor:
-    """XAttention's estimate: softmax over strided antidiagonal sums, summed into blocks.
+    """XAttention's estimate: softmax over strided antidiagonal sums, summed into blocks;
+    optionally mixed with the softmax of each antidiagonal's largest term.
 
-    Strided query row ``r`` and key slot ``j`` score ``sum_t q[r*S + S-1-t] · k[j*S + t]``
-    scaled by ``scale / S``. A slot is visible to a row when its earliest original key
-    precedes the row's last query (exactly XAttention's stride-level causal mask when keys are
-    not permuted). The softmax runs in float32 over all visible slots of the row; block scores
-    sum the ``(block/S)²`` entries of each tile, so a full row of blocks sums to the number of
-    strided rows in the query block.
+    Strided query row ``r`` and key slot ``j`` pair the ``S`` products
+    ``scale · q[r*S + S-1-t] · k[j*S + t]`` (``t < S``). The mean estimate takes their mean as
+    the logit (XAttention); the peak estimate takes their maximum: the mean dilutes one strong
+    pair (a copied phrase, a retrieved fact) among ``S``, the maximum keeps it at full height.
+    Each row's softmax runs in float32 over its visible slots (a slot is visible when its
+    earliest original key precedes the row's last query: XAttention's stride-level causal mask
+    when keys are not permuted); block scores sum the ``(block/S)²`` entries of each tile, so a
+    full row of blocks sums to the number of strided rows in the query block.
 
     Args:
         q: ``[B, Hq, Lq, D]``.
         k_perm: ``[B, Hkv, Lk, D]`` in the permuted layout.
         key_order: long ``[B, Hkv, Lk]``, original position of each key slot.
         chunk_blocks: query blocks scored at once (memory: ``chunk * block/S * Lk/S`` floats
-            per head).
+            per head, twice that with a peak estimate).
+        peak_weight: ``w`` in ``(1 - w) · mean estimate + w · peak estimate``.
     """
     batch, q_heads, q_len, dim = q.shape
     kv_heads = k_perm.shape[1]
@@ -81,29 +86,41 @@ def antidiagonal_block_scores(
     bs, n_q, n_k = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
     rows_per_block = bs // stride
 
-    # [B, Hkv, G, R, S*D]: each strided query row with its S queries in reverse order.
-    q_rows = _pad_to(q, n_q * bs).reshape(batch, kv_heads, group, n_q * rows_per_block, stride, dim)
-    q_rows = q_rows.flip(-2).flatten(-2)
-    # [B, Hkv, S*D, K]: each key slot with its S keys in order.
-    k_slots = _pad_to(k_perm, n_k * bs).reshape(batch, kv_heads, n_k * rows_per_block, stride * dim)
-    k_slots = k_slots.transpose(-1, -2)
+    # [B, Hkv, G, R, S, D]: each strided query row with its S queries in reverse order.
+    q_rows = _pad_to(q, n_q * bs).reshape(batch, kv_heads, group, n_q * rows_per_block, stride, dim).flip(-2)
+    # [B, Hkv, K, S, D]: each key slot with its S keys in order.
+    k_slots = _pad_to(k_perm, n_k * bs).reshape(batch, kv_heads, n_k * rows_per_block, stride, dim)
     slot_first = block_min_position(key_order, bs, stride)[:, :, None, None, :]
     row_start = torch.arange(n_q * rows_per_block, device=q.device) * stride
     row_last = torch.clamp(row_start + stride - 1, max=q_len - 1) + layout.q_offset
     row_valid = row_start < q_len
 
-    scores = []
-    for blocks in torch.arange(n_q, device=q.device).split(chunk_blocks):
-        rows = (blocks[:, None] * rows_per_block + torch.arange(rows_per_block, device=q.device)).flatten()
-        n_rows = rows.numel()
-        chunk_q = q_rows[:, :, :, rows].flatten(2, 3)
-        logits = torch.matmul(chunk_q, k_slots)
-        logits = logits.float().view(batch, kv_heads, group, n_rows, -1) * (scale / stride)
+    def block_sums(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Row softmax over visible slots, summed into ``[B, Hkv, G, n, nK]`` block scores."""
         visible = slot_first <= row_last[rows][:, None]
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         probs = probs * row_valid[rows][:, None]
+        n_rows = rows.numel()
         tiles = probs.view(batch, kv_heads, group, n_rows // rows_per_block, rows_per_block, n_k, rows_per_block)
-        scores.append(tiles.sum(dim=(-3, -1)))
+        return tiles.sum(dim=(-3, -1))
+
+    scores = []
+    for blocks in torch.arange(n_q, device=q.device).split(chunk_blocks):
+        rows = (blocks[:, None] * rows_per_block + torch.arange(rows_per_block, device=q.device)).flatten()
+        shape = (batch, kv_heads, group, rows.numel(), -1)
+        chunk_q = q_rows[:, :, :, rows].flatten(2, 3)  # [B, Hkv, G*n, S, D]
+        if peak_weight == 0.0:  # one GEMM over the S·D concatenation sums the S products
+            logits = torch.matmul(chunk_q.flatten(-2), k_slots.flatten(-2).transpose(-1, -2))
+            scores.append(block_sums(logits.float().view(shape) * (scale / stride), rows))
+            continue
+        total = peak = None
+        for t in range(stride):
+            term = torch.matmul(chunk_q[..., t, :], k_slots[..., t, :].transpose(-1, -2)).float()
+            total = term if total is None else total + term
+            peak = term if peak is None else torch.maximum(peak, term)
+        mean_scores = block_sums(total.view(shape) * (scale / stride), rows)
+        peak_scores = block_sums(peak.view(shape) * scale, rows)
+        scores.append(torch.lerp(mean_scores, peak_scores, peak_weight))
     return torch.cat(scores, dim=3).reshape(batch, q_heads, n_q, n_k)
 
 
@@ -140,7 +157,9 @@ def estimate_block_scores(
 ) -> torch.Tensor:
     """The configured scorer in plain torch: float32 ``[B, Hq, nQ, nK]``."""
     if config.scoring == "antidiagonal":
-        return antidiagonal_block_scores(q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk)
+        return antidiagonal_block_scores(
+            q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk, config.peak_weight
+        )
     if config.scoring == "mean":
         return mean_pool_block_scores(q, k_perm, layout, scale)
     return oracle_block_scores(q, k_perm, key_order, layout, scale)

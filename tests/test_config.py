@@ -26,6 +26,9 @@ def test_defaults_are_valid():
         ({"threshold_counts_forced": "no"}, TypeError, "threshold_counts_forced"),
         ({"permute": "key"}, ValueError, "segment_size >= 2 \* block_size"),
         ({"dense_below": -1}, ValueError, "dense_below"),
+        ({"peak_weight": 1.5}, ValueError, "peak_weight"),
+        ({"peak_weight": -0.1}, ValueError, "peak_weight"),
+        ({"peak_weight": True}, TypeError, "peak_weight"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, error, words):

@@ -44,6 +44,16 @@ CHECK = textwrap.dedent(
         err = (out - ref).abs().max().item()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < tol, (b, hq, hkv, lk, lq, d, bs, s, seg, dtype, err)
+    # A peak estimate mixed in: the chunk products kept apart, a second online softmax.
+    for b, hq, hkv, lk, lq, d, bs, s, seg in [(1, 4, 2, 1100, 800, 32, 128, 8, 256), (1, 2, 1, 1003, 1003, 16, 64, 8, 64)]:
+        q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
+        order = segment_key_order(key_importance(q, k, bs, d**-0.5, lk - lq), seg)
+        k_perm = permute_keys(k, order)
+        layout = BlockLayout(lq, lk, lk - lq, bs, seg)
+        for weight in (0.5, 1.0):
+            ref = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
+            out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
+            assert (out - ref).abs().max() < 1e-4, (bs, weight, (out - ref).abs().max())
     # fp8 scoring: the kernel computes the fp32 function of the fp8 operands it was given (the
     # interpreter's own fp8 rounding differs from the GPU's, so the reference dequantises the
     # cast kernels' output: Q scaled per stride slot, K per tensor), and stays near the
@@ -64,6 +74,9 @@ CHECK = textwrap.dedent(
         ref = antidiagonal_block_scores(q8, k8, order, layout, s, d**-0.5)
         out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, fp8=True)
         assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()
+        ref = antidiagonal_block_scores(q8, k8, order, layout, s, d**-0.5, peak_weight=0.5)
+        peak = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, fp8=True, peak_weight=0.5)
+        assert (peak - ref).abs().max() < 1e-4, (peak - ref).abs().max()
         # The casts read strided inputs (transformers hands over [B, L, H, D] transposed) and
         # pad the length with zero rows.
         strided = q.transpose(1, 2).contiguous().transpose(1, 2)

@@ -58,3 +58,48 @@ def test_oracle_scores_are_exact_block_masses():
     assert torch.allclose(plan.block_scores.sum(-1), valid_rows.expand(1, 4, 8), atol=1e-3)
     # Selecting by true masses keeps at least the threshold's share of every query block.
     assert attention_recall(q, k, plan).min() >= 0.8 - 1e-4
+
+
+def _strided_scores_reference(q, k, block, stride, scale, reduce):
+    """Block scores from every (strided row, key slot) pair written out one by one: the logit
+    is ``reduce`` over the slot's S antidiagonal products (no GEMM tricks)."""
+    length = q.shape[0]
+    rows = length // stride
+    logits = torch.full((rows, rows), float("-inf"))
+    for r in range(rows):
+        for j in range(r + 1):  # stride-level causal mask: slot j starts at or before row r ends
+            products = torch.stack([scale * q[r * stride + stride - 1 - t] @ k[j * stride + t] for t in range(stride)])
+            logits[r, j] = reduce(products)
+    probs = torch.softmax(logits, dim=-1)
+    per_block = block // stride
+    return probs.reshape(rows // per_block, per_block, rows // per_block, per_block).sum(dim=(1, 3))
+
+
+def test_peak_estimate_is_the_softmax_of_each_antidiagonal_largest_product():
+    q, k = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
+    layout = BlockLayout(64, 64, 0, 16, 16)
+    order = identity_key_order(k)
+    mean = _strided_scores_reference(q[0, 0], k[0, 0], 16, 4, 0.5, torch.mean)
+    peak = _strided_scores_reference(q[0, 0], k[0, 0], 16, 4, 0.5, torch.max)
+    for weight in (0.0, 0.3, 1.0):
+        scores = antidiagonal_block_scores(q, k, order, layout, 4, 0.5, chunk_blocks=3, peak_weight=weight)
+        assert torch.allclose(scores[0, 0], (1 - weight) * mean + weight * peak, atol=1e-5), weight
+    assert not torch.allclose(mean, peak, atol=1e-2)
+
+
+def test_peak_estimate_keeps_one_strong_pair_that_the_mean_dilutes():
+    # One query (position 403) matches one far key (position 44) strongly; everything else is
+    # noise. 403 % 8 + 44 % 8 = 7: the pair lies on a sampled antidiagonal of stride 8.
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 512, 16) * 0.3, torch.randn(1, 1, 512, 16) * 0.3
+    direction = torch.randn(16)
+    q[0, 0, 403], k[0, 0, 44] = direction * 1.5, direction * 1.5
+    layout = BlockLayout(512, 512, 0, 64, 64)
+    order = identity_key_order(k)
+    excess = {}  # the far block's score above the other full blocks of the query block's row
+    for weight in (0.0, 1.0):
+        row = antidiagonal_block_scores(q, k, order, layout, 8, 0.25, peak_weight=weight)[0, 0, 403 // 64]
+        excess[weight] = float(row[44 // 64] - row[1:6].mean())
+    # The peak softmax gives the matching strided row's mass (a row sums to 1) to that block;
+    # the mean estimate, whose logit is an eighth of the pair's, barely moves it.
+    assert excess[1.0] > 0.8 and excess[0.0] < 0.2, excess

@@ -10,7 +10,9 @@ so that loads stay pipelined across key tiles. Each program owns 128 strided que
 head, keeps an online softmax per row, writes ``log2 Σ exp2(logits)`` per row and key block to
 a small scratch buffer, and once the row's normaliser is known sums ``exp2(block_lse - row_lse)``
 over the rows of each query block. The grid is persistent (one program per SM, longest query
-tiles first), so the scratch is ``programs × rows × nK`` floats whatever the length.
+tiles first), so the scratch is ``programs × rows × nK`` floats whatever the length. With a
+peak estimate the chunk products are kept apart (a fresh MMA per chunk, added into the sum and
+max-reduced into a second tile) and a second online softmax runs beside the first.
 """
 
 from __future__ import annotations
@@ -137,15 +139,15 @@ def _padded_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 @triton.jit
 def _antidiagonal_kernel(
-    q_desc, k_desc, slot_first_ptr, out_ptr, scratch_ptr, q_descale_ptr, k_amax_ptr,
+    q_desc, k_desc, slot_first_ptr, out_ptr, scratch_ptr, peak_scratch_ptr, q_descale_ptr, k_amax_ptr,
     stride_fb, stride_fh,
     stride_ob, stride_oh, stride_oq,
     q_len, q_offset, n_q_blocks, n_kv_blocks, q_heads, kv_heads, n_q_tiles, heads_total, n_programs,
     q_rows_per_head, k_rows_per_head,
-    logit_scale,
+    logit_scale, peak_weight,
     Q_BLOCKS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
     TILE_BLOCKS: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, SCRATCH_COLS: tl.constexpr,
-    FP8: tl.constexpr, PRECISION: tl.constexpr,
+    FP8: tl.constexpr, PRECISION: tl.constexpr, PEAK: tl.constexpr,
 ):
     BLOCK: tl.constexpr = ROWS * STRIDE
     M: tl.constexpr = Q_BLOCKS * ROWS
@@ -159,6 +161,7 @@ def _antidiagonal_kernel(
     c_idx = tl.arange(0, TILE_BLOCKS)
     out_blocks = tl.arange(0, Q_BLOCKS)
     scratch_base = scratch_ptr + pid * M * SCRATCH_COLS
+    peak_base = peak_scratch_ptr + pid * M * SCRATCH_COLS
 
     # Work items run longest first: query tile (descending) major, (batch, head) minor, so the
     # query heads sharing a KV head run together and read its key tiles from L2.
@@ -189,6 +192,10 @@ def _antidiagonal_kernel(
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
         acc = tl.zeros([M, N], tl.float32)
+        if PEAK:  # the same online softmax over each antidiagonal's largest product
+            peak_m = tl.full([M], float("-inf"), tl.float32)
+            peak_l = tl.zeros([M], tl.float32)
+            peak = tl.full([M, N], float("-inf"), tl.float32)
         tl.debug_barrier()
         # One loop over (key tile, chunk): the loads stay pipelined across key tiles.
         for step in range(0, tl.cdiv(kv_end, TILE_BLOCKS) * STRIDE):
@@ -196,13 +203,34 @@ def _antidiagonal_kernel(
             j0 = (step // STRIDE) * TILE_BLOCKS
             q_chunk = q_desc.load([q_row, (STRIDE - 1 - t) * HEAD_DIM])
             k_chunk = k_desc.load([k_row + j0 * ROWS, t * HEAD_DIM])
-            acc = tl.dot(q_chunk, tl.trans(k_chunk), acc, input_precision=PRECISION)
+            if PEAK:
+                term = tl.dot(q_chunk, tl.trans(k_chunk), input_precision=PRECISION)
+                acc += term
+                peak = tl.maximum(peak, term)
+            else:
+                acc = tl.dot(q_chunk, tl.trans(k_chunk), acc, input_precision=PRECISION)
             if t == STRIDE - 1:
                 logits = acc * row_scale[:, None]
+                if PEAK:  # the mean's 1/S is in row_scale; the peak is one product
+                    peak_logits = peak * (row_scale * STRIDE)[:, None]
                 if j0 + TILE_BLOCKS > all_visible:  # near the diagonal: compare positions
                     slot = j0 * ROWS + n_idx
                     first = tl.load(f_head + slot, mask=slot < kv_end * ROWS, other=_NOT_VISIBLE_POSITION)
-                    logits = tl.where(first[None, :] <= row_last[:, None], logits, float("-inf"))
+                    visible = first[None, :] <= row_last[:, None]
+                    logits = tl.where(visible, logits, float("-inf"))
+                    if PEAK:
+                        peak_logits = tl.where(visible, peak_logits, float("-inf"))
+                if PEAK:
+                    peak_new = tl.maximum(peak_m, tl.max(peak_logits, axis=1))
+                    peak_safe = tl.where(peak_new == float("-inf"), 0.0, peak_new)
+                    peak_sums = tl.sum(tl.reshape(tl.exp2(peak_logits - peak_safe[:, None]), (M, TILE_BLOCKS, ROWS)), axis=2)
+                    peak_l = peak_l * tl.exp2(peak_m - peak_safe) + tl.sum(peak_sums, axis=1)
+                    peak_m = peak_new
+                    tl.store(
+                        peak_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :],
+                        peak_safe[:, None] + tl.log2(peak_sums),
+                    )
+                    peak = tl.full([M, N], float("-inf"), tl.float32)
                 m_new = tl.maximum(m_i, tl.max(logits, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp2(logits - m_safe[:, None])
@@ -215,13 +243,19 @@ def _antidiagonal_kernel(
                 )
                 acc = tl.zeros([M, N], tl.float32)
         row_lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
+        if PEAK:
+            peak_lse = tl.where(peak_m == float("-inf"), 0.0, peak_m) + tl.log2(peak_l)
         tl.debug_barrier()
         out_q = first_block + out_blocks
         # 64-bit offsets: long batches hold more than 2**31 scores
         out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         for j0 in range(0, kv_end, TILE_BLOCKS):
             lse = tl.load(scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
-            probs = tl.where(row_valid[:, None], tl.exp2(lse - row_lse[:, None]), 0.0)
+            probs = tl.exp2(lse - row_lse[:, None])
+            if PEAK:
+                peak_block = tl.load(peak_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
+                probs += peak_weight * (tl.exp2(peak_block - peak_lse[:, None]) - probs)
+            probs = tl.where(row_valid[:, None], probs, 0.0)
             scores = tl.sum(tl.reshape(probs, (Q_BLOCKS, ROWS, TILE_BLOCKS)), axis=1)
             cols = j0 + c_idx
             tl.store(
@@ -238,10 +272,12 @@ def supports(q: torch.Tensor, block_size: int, stride: int) -> bool:
     return 4 <= rows <= 256 and rows & (rows - 1) == 0 and dim >= 16 and dim & (dim - 1) == 0
 
 
-def _launch_options(itemsize: int) -> tuple[int, int, int]:
+def _launch_options(itemsize: int, peak: bool = False) -> tuple[int, int, int]:
     """``(key slots per tile, warps, stages)`` for operands of ``itemsize`` bytes: the fastest
-    measured on Hopper (NOTES.md), shrunk for fp32 to fit shared memory."""
-    return {1: (256, 8, 3), 2: (256, 8, 2)}.get(itemsize, (64, 8, 2))
+    measured on Hopper (NOTES.md), shrunk for fp32 to fit shared memory, and halved with a peak
+    estimate (three ``[rows, slots]`` fp32 tiles in registers instead of one)."""
+    slots, warps, stages = {1: (256, 8, 3), 2: (256, 8, 2)}.get(itemsize, (64, 8, 2))
+    return (min(slots, 128) if peak else slots), warps, stages
 
 
 def antidiagonal_block_scores_fused(
@@ -256,6 +292,7 @@ def antidiagonal_block_scores_fused(
     num_warps: int | None = None,
     num_stages: int | None = None,
     fp8: bool = False,
+    peak_weight: float = 0.0,
 ) -> torch.Tensor:
     """Fused equivalent of :func:`flex_pbs.scoring.antidiagonal_block_scores`.
 
@@ -267,6 +304,8 @@ def antidiagonal_block_scores_fused(
         fp8: multiply in float8 e4m3 (Hopper): Q is converted in one pass, each stride slot
             scaled to ``±240`` on its own; K (a quarter of Q's size under GQA) with one scale
             from a max over the tensor. The kernel reads the scales on the device.
+        peak_weight: share of the peak estimate (a second online softmax, over each
+            antidiagonal's largest product) in the scores.
 
     Returns:
         float32 ``[B, Hq, nQ, nK]``.
@@ -275,7 +314,8 @@ def antidiagonal_block_scores_fused(
     kv_heads = k_perm.shape[1]
     rows = layout.block_size // stride
     n_q, n_k = layout.num_q_blocks, layout.num_kv_blocks
-    slots, warps, stages = _launch_options(1 if fp8 else q.element_size())
+    peak = peak_weight > 0
+    slots, warps, stages = _launch_options(1 if fp8 else q.element_size(), peak)
     tile_slots, num_warps, num_stages = tile_slots or slots, num_warps or warps, num_stages or stages
     q_blocks = max(1, _TILE_ROWS // rows)
     tile_blocks = max(1, tile_slots // rows)
@@ -296,15 +336,16 @@ def antidiagonal_block_scores_fused(
     n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     programs = min(n_q_tiles * batch * q_heads, n_sms)
     scratch = torch.empty(programs, q_blocks * rows, scratch_cols, device=q.device, dtype=torch.float32)
+    peak_scratch = torch.empty_like(scratch) if peak else scratch  # only used with a peak estimate
     _antidiagonal_kernel[(programs,)](
-        q_desc, k_desc, slot_first, out, scratch, q_descale, k_amax,
+        q_desc, k_desc, slot_first, out, scratch, peak_scratch, q_descale, k_amax,
         slot_first.stride(0), slot_first.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         q_len, layout.q_offset, n_q, n_k, q_heads, kv_heads, n_q_tiles, batch * q_heads, programs,
         q_in.shape[2] // stride, k_in.shape[2] // stride,
-        scale / stride * _LOG2E,
+        scale / stride * _LOG2E, float(peak_weight),
         Q_BLOCKS=q_blocks, ROWS=rows, STRIDE=stride, HEAD_DIM=dim, TILE_BLOCKS=tile_blocks,
-        SEGMENT_BLOCKS=layout.segment_size // layout.block_size, SCRATCH_COLS=scratch_cols, FP8=fp8,
+        SEGMENT_BLOCKS=layout.segment_size // layout.block_size, SCRATCH_COLS=scratch_cols, FP8=fp8, PEAK=peak,
         # fp32 operands: three tf32 products (fp32 accuracy on tensor cores); plain tf32's
         # 10-bit mantissa moves the scores by ~1e-2
         PRECISION="tf32x3" if q_in.dtype == torch.float32 else "tf32",
