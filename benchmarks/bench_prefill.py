@@ -66,9 +66,11 @@ def check_exact(model, length: int = 4096) -> float:
 
 
 def pbs_config(threshold: float, cap: float, variant: str) -> PBSConfig:
-    """The engine config of one sparse row; ``variant`` is ``stride:precision``."""
-    stride, precision = variant.split(":")
-    return PBSConfig(threshold=threshold, max_density=cap, stride=int(stride), scoring_fp8=precision == "fp8")
+    """The engine config of one sparse row; ``variant`` is ``stride:precision[:peak_weight]``
+    (the default config's peak weight when left out)."""
+    stride, precision, *peak = variant.split(":")
+    weight = {"peak_weight": float(peak[0])} if peak else {}
+    return PBSConfig(threshold=threshold, max_density=cap, stride=int(stride), scoring_fp8=precision == "fp8", **weight)
 
 
 def kernel_times(model, ids: torch.Tensor) -> list[dict[str, float | str | int]]:
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--max-densities", type=float, nargs="+", default=[0.1, 0.15])
     parser.add_argument("--variants", nargs="+", default=["8:bf16", "16:fp8"],
-                        help="scoring variants stride:precision (precision bf16 or fp8)")
+                        help="scoring variants stride:precision[:peak_weight] (precision bf16 or fp8)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench_prefill.json")
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU time instead of the table")
@@ -149,7 +151,7 @@ def main(argv=None) -> None:
             stats = flex_pbs.stats(model)
             density = sum(float(s.density.mean()) for s in stats.values()) / len(stats)
             precision = "fp8" if config.scoring_fp8 else "bf16"
-            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={config.stride} {precision}",
+            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={config.stride} {precision} peak={config.peak_weight}",
                    "ms": ms, "speedup": sdpa / ms, "density": density, "first_call_s": compile_s}
             report["rows"].append(row)
             print(row, flush=True)

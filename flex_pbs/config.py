@@ -32,10 +32,12 @@ class PBSConfig:
     """Configuration of permuted block-sparse attention.
 
     The defaults are the best quality-for-density choice measured on the bundled real model
-    (README, "Quality"): antidiagonal scoring, a diagonal segment of one block, a forced local
-    window of 4 blocks, and **no** key permutation, which lost whole-sequence perplexity at
-    equal density there. The PBS paper's algorithm is ``scoring="mean", permute="key",
-    segment_size=256, force_local_blocks=0``.
+    (README, "Quality") among configurations that keep FlexAttention's fast 128-row tiles:
+    antidiagonal scoring, a diagonal segment of one block, a forced local window of 4 blocks,
+    and **no** key permutation, which lost whole-sequence perplexity at equal density there.
+    The PBS paper's algorithm is ``scoring="mean", permute="key", segment_size=256,
+    force_local_blocks=0``; the quality-first preset ``pbs_fine`` (``flex_pbs.methods``) is
+    ``block_size=64, segment_size=64, force_local_blocks=8, peak_weight=0.5``.
 
     Attributes:
         block_size: tokens per attention block (query and key); the FlexAttention tile.

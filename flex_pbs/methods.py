@@ -1,28 +1,32 @@
 """Named methods: every baseline is a configuration of the one PBS engine.
 
-``dense`` is exact attention (no engine); the others differ in scoring, permutation and the
-forced local window:
+``dense`` is exact attention (no engine); the others differ in scoring, permutation, block size
+and the forced local window:
 
-====================  ============  =======  =======  =====  ===========================================
-name                  scoring       permute  segment  local  what it is
-====================  ============  =======  =======  =====  ===========================================
-``pbs``               antidiagonal  none     128      4      flex_pbs's default (``PBSConfig()``), measured best
-``pbs_fine``          antidiagonal  none     64       8      64-token blocks, stride 2: quality first
-``pbs_antidiagonal``  antidiagonal  key      256      0      PBS with XAttention's scoring
-``pbs_mean``          mean          key      256      0      the PBS-Attn paper
-``xattention``        antidiagonal  none     128      0      XAttention (block-sparse, no permutation)
-``meanpool``          mean          none     128      0      mean-pooled block-sparse, no permutation
-====================  ============  =======  =======  =====  ===========================================
+====================  =================  =======  =====  =======  =====  ==================================
+name                  scoring            permute  block  segment  local  what it is
+====================  =================  =======  =====  =======  =====  ==================================
+``pbs``               antidiagonal       none     128    128      4      flex_pbs's default (``PBSConfig()``)
+``pbs_fine``          antidiagonal+peak  none     64     64       8      quality first: 64-token blocks
+``pbs_antidiagonal``  antidiagonal       key      128    256      0      PBS with XAttention's scoring
+``pbs_mean``          mean               key      128    256      0      the PBS-Attn paper
+``xattention``        antidiagonal       none     128    128      0      XAttention (no permutation)
+``meanpool``          mean               none     128    128      0      mean-pooled block-sparse
+====================  =================  =======  =====  =======  =====  ==================================
 
-``segment`` is ``segment_size`` (128 = the diagonal block alone), ``local`` is
-``force_local_blocks``. ``pbs_fine`` halves the block (its local window is the same 512 tokens)
-and samples four times as many antidiagonals (``stride=2``): on the bundled model at 8K it loses
-+0.95% perplexity at density 0.25 on code where ``pbs`` loses +1.65%, but on an H100 its 64-row
-tiles and denser scoring take about 2.7x ``pbs``'s time at equal density (README, "Quality").
+``antidiagonal+peak`` is XAttention's strided estimate mixed half and half with the peak
+estimate (``peak_weight=0.5``: the softmax of each antidiagonal's largest product, which keeps
+the single strong query-key pairs that the mean of ``stride`` products dilutes). ``segment`` is
+``segment_size`` (equal to the block = the diagonal block alone), ``local`` is
+``force_local_blocks`` (512 tokens in both presets). On the bundled model ``pbs_fine`` stays
+within +1% of dense perplexity at density 0.25 at 8K where ``pbs`` does not, but its 64-row
+FlexAttention tiles and the second softmax make an H100 attention call about 2x ``pbs``'s time
+at equal density (README, "Quality").
 
-The permuted methods sort keys inside 256-token segments, as in the paper; ``xattention`` and ``pbs_antidiagonal`` differ in the permutation and the segment (so
-do ``meanpool`` and ``pbs_mean``): ``method.segment_size=256`` gives the unpermuted methods the
-same diagonal segment.
+The permuted methods sort keys inside 256-token segments, as in the paper; ``xattention`` and
+``pbs_antidiagonal`` differ in the permutation and the segment (so do ``meanpool`` and
+``pbs_mean``): ``method.segment_size=256`` gives the unpermuted methods the same diagonal
+segment.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .config import PBSConfig
 METHODS: dict[str, PBSConfig | None] = {
     "dense": None,
     "pbs": PBSConfig(),
-    "pbs_fine": PBSConfig(block_size=64, segment_size=64, force_local_blocks=8, stride=2),
+    "pbs_fine": PBSConfig(block_size=64, segment_size=64, force_local_blocks=8, peak_weight=0.5),
     "pbs_antidiagonal": PBSConfig(permute="key", segment_size=256, force_local_blocks=0),
     "pbs_mean": PBSConfig(scoring="mean", permute="key", segment_size=256, force_local_blocks=0),
     "xattention": PBSConfig(permute="none", force_local_blocks=0),

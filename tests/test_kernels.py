@@ -30,7 +30,7 @@ CHECK = textwrap.dedent(
         (1, 2, 2, 1100, 800, 16, 128, 8, 256, torch.float32),   # chunked prefill (q_offset 300)
         (1, 2, 1, 1003, 1003, 16, 64, 8, 128, torch.float32),   # lengths not a multiple of the stride
         (1, 8, 2, 768, 768, 64, 128, 16, 384, torch.float16),
-        (1, 2, 1, 640, 640, 16, 64, 2, 64, torch.float32),      # the pbs_fine preset's geometry
+        (1, 2, 1, 640, 640, 16, 64, 2, 64, torch.float32),      # 64-token blocks at stride 2
     ]
     for b, hq, hkv, lk, lq, d, bs, s, seg, dtype in cases:
         q = torch.randn(b, hq, lq, d, dtype=dtype)

@@ -14,7 +14,9 @@ def test_methods_are_configurations_of_one_engine():
     )
     assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key", segment_size=256)
     fine = method_config("pbs_fine")
-    assert (fine.block_size, fine.segment_size, fine.stride) == (64, 64, 2)
+    assert (fine.block_size, fine.segment_size, fine.stride, fine.peak_weight) == (64, 64, 8, 0.5)
+    # Every other method scores as published: no peak estimate.
+    assert all(config.peak_weight == 0 for name, config in METHODS.items() if config and name != "pbs_fine")
     assert fine.force_local_blocks * fine.block_size == PBSConfig().force_local_blocks * PBSConfig().block_size
     assert set(METHODS) == {"dense", "pbs", "pbs_fine", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
 

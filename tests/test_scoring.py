@@ -12,7 +12,7 @@ def test_xattention_semantics_without_permutation():
     for force_sink in (True, False):
         cfg = PBSConfig(
             block_size=64, segment_size=64, stride=8, permute="none", threshold=0.8,
-            force_sink=force_sink, force_local_blocks=0,
+            force_sink=force_sink, force_local_blocks=0, peak_weight=0.0,
         )
         plan = build_plan(q, k, cfg)
         for b in range(2):
