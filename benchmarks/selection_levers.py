@@ -23,9 +23,9 @@ computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by r
   runs on the wider rows with the same forced span (the query block's own keys, 512 tokens before
   them, key block 0). Does it keep the quality that 64-token blocks gain?
 
-``--scoring`` and ``--stride`` set the engine's scorer for every line (the CSV line then reads
-``key64 stride=4``, ``key64 scoring=oracle``: exact block mass, the bound any estimate of it
-can reach). ``--score-power p`` selects on scores raised to ``p`` (line ``engine power=0.5``).
+``--scoring``, ``--stride`` and ``--peak-weight`` set the engine's scorer for every line (the CSV
+line then reads ``key64 stride=4``, ``key64 peak_weight=0.5``, ``key64 scoring=oracle``: exact
+block mass, the bound any estimate of it can reach). ``--score-power p`` selects on scores raised to ``p`` (line ``engine power=0.5``).
 
 Writes ``<text>_<length>.csv`` (readable by ``quality_at_density.py``) and ``summary.md`` under
 ``benchmarks/quality/segment128/levers/selection_levers/``; rows already in a CSV are reused.
@@ -37,6 +37,7 @@ About 2 minutes per pass on 2 CPU threads at 8K. The committed results::
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64 --stride 4
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.9 0.93 --taus --lines key64 --scoring oracle
+    .venv/bin/python benchmarks/selection_levers.py --texts code prose --thresholds 0.9 0.93 --taus --lines key64 --peak-weight 0.5
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.75 0.8 --taus --lines engine --score-power 0.5
     .venv/bin/python benchmarks/selection_levers.py --texts code --thresholds 0.8 0.85 --taus --lines engine --score-power 0.7
 """
