@@ -101,11 +101,12 @@ def run_length(args, length: int, rows: list[dict]) -> None:
     for threshold in args.thresholds:
         for backend in args.backends:
             cfg = PBSConfig(threshold=threshold, block_size=args.block_size, segment_size=args.segment_size,
+                            key_block_size=args.key_block_size,
                             stride=args.stride, scoring=args.scoring, permute=args.permute,
                             force_local_blocks=args.force_local_blocks, backend=backend,
                             max_density=args.max_density, scoring_fp8=args.scoring_fp8,
                             peak_weight=args.peak_weight)
-            layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
+            layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size, cfg.key_block_size)
             pbs_attention(q, k, v, cfg)  # compiles
             torch.cuda.empty_cache()
             peak = peak_gib(lambda: pbs_attention(q, k, v, cfg))  # nothing else alive but q, k, v
@@ -130,7 +131,8 @@ def run_length(args, length: int, rows: list[dict]) -> None:
             overhead = sum(stages[s] for s in ("permute", "score", "select", "build"))
             name = f"pbs thr={threshold} permute={args.permute} local={args.force_local_blocks}"
             name += f" S={args.stride}" + (" fp8" if args.scoring_fp8 else "")
-            name += f" block={args.block_size}" + (f" peak={args.peak_weight}" if args.peak_weight else "")
+            name += f" block={args.block_size}" + (f"x{args.key_block_size}" if args.key_block_size else "")
+            name += f" peak={args.peak_weight}" if args.peak_weight else ""
             row = {**base, "method": name, "threshold": threshold, "backend": backend,
                    "ms": total, "speedup": sdpa_ms / total, "density": plan.density, "recall": recall,
                    "peak_gib": peak,
@@ -297,6 +299,7 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     defaults = PBSConfig()
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--key-block-size", type=int, default=defaults.key_block_size, help="PBSConfig.key_block_size")
     parser.add_argument("--segment-size", type=int, default=defaults.segment_size,
                         help="256 or more with --permute key")
     parser.add_argument("--stride", type=int, default=defaults.stride)

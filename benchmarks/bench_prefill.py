@@ -66,11 +66,14 @@ def check_exact(model, length: int = 4096) -> float:
 
 
 def pbs_config(threshold: float, cap: float, variant: str) -> PBSConfig:
-    """The engine config of one sparse row; ``variant`` is ``stride:precision[:peak_weight]``
-    (the default config's peak weight when left out)."""
-    stride, precision, *peak = variant.split(":")
-    weight = {"peak_weight": float(peak[0])} if peak else {}
-    return PBSConfig(threshold=threshold, max_density=cap, stride=int(stride), scoring_fp8=precision == "fp8", **weight)
+    """The engine config of one sparse row; ``variant`` is
+    ``stride:precision[:peak_weight[:key_block_size]]`` (the default config's values when left
+    out; 64-token key blocks come with a 512-token local window, 8 blocks)."""
+    stride, precision, *rest = variant.split(":")
+    extra = {"peak_weight": float(rest[0])} if rest else {}
+    if len(rest) > 1:
+        extra.update(key_block_size=int(rest[1]), force_local_blocks=512 // int(rest[1]))
+    return PBSConfig(threshold=threshold, max_density=cap, stride=int(stride), scoring_fp8=precision == "fp8", **extra)
 
 
 def kernel_times(model, ids: torch.Tensor) -> list[dict[str, float | str | int]]:
@@ -110,7 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--max-densities", type=float, nargs="+", default=[0.1, 0.15])
     parser.add_argument("--variants", nargs="+", default=["8:bf16", "16:fp8"],
-                        help="scoring variants stride:precision[:peak_weight] (precision bf16 or fp8)")
+                        help="scoring variants stride:precision[:peak_weight[:key_block_size]] (precision bf16 or fp8)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench_prefill.json")
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU time instead of the table")
@@ -151,7 +154,7 @@ def main(argv=None) -> None:
             stats = flex_pbs.stats(model)
             density = sum(float(s.density.mean()) for s in stats.values()) / len(stats)
             precision = "fp8" if config.scoring_fp8 else "bf16"
-            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={config.stride} {precision} peak={config.peak_weight}",
+            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={config.stride} {precision} peak={config.peak_weight} key_block={config.kv_block}",
                    "ms": ms, "speedup": sdpa / ms, "density": density, "first_call_s": compile_s}
             report["rows"].append(row)
             print(row, flush=True)

@@ -24,16 +24,17 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def exact_vs_sdpa(head_dim: int, length: int, backend: str, block_size: int = 128) -> dict:
+def exact_vs_sdpa(head_dim: int, length: int, backend: str, block_size: int = 128, key_block_size: int | None = None) -> dict:
     """threshold 1.0 (every causal block) against SDPA, both bf16, against an fp32 reference."""
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=0)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
-    config = PBSConfig(threshold=1.0, backend=backend, block_size=block_size, segment_size=block_size)
+    config = PBSConfig(threshold=1.0, backend=backend, block_size=block_size, segment_size=block_size,
+                       key_block_size=key_block_size)
     out = pbs_attention(q, k, v, config)
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
     err, sdpa_err = rel_error(out, ref), rel_error(sdpa, ref)
-    return {"check": f"exact d={head_dim} L={length} backend={backend} block={block_size}", "rel_error": err,
+    return {"check": f"exact d={head_dim} L={length} backend={backend} block={block_size} key block={key_block_size}", "rel_error": err,
             "sdpa_rel_error": sdpa_err, "ok": err < 2 * sdpa_err + 1e-3}
 
 
@@ -96,13 +97,13 @@ def shared_index_buffer(length: int) -> dict:
             "shared": not plan.flex_mask.kv_indices.is_contiguous(), "ok": diff == 0.0}
 
 
-def fused_vs_torch_plan(length: int) -> dict:
+def fused_vs_torch_plan(length: int, **config: object) -> dict:
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=1)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
-    cfg = PBSConfig(threshold=0.9)
+    cfg = PBSConfig(threshold=0.9, **config)
     fused, plain = build_plan(q, k, cfg.replace(backend="triton")), build_plan(q, k, cfg.replace(backend="torch"))
     differ = float((fused.block_mask != plain.block_mask).float().mean())
-    return {"check": f"fused vs torch plan L={length}", "blocks_differ": differ,
+    return {"check": f"fused vs torch plan L={length} {config}", "blocks_differ": differ,
             "density": [fused.density, plain.density], "ok": differ < 0.01}
 
 
@@ -190,6 +191,8 @@ def main() -> None:
         lambda: exact_vs_sdpa(128, 5000, "auto"),  # ragged length
         lambda: exact_vs_sdpa(128, 8192, "auto", block_size=64),  # tiles must divide the blocks
         lambda: exact_vs_sdpa(64, 4096, "auto", block_size=32),
+        lambda: exact_vs_sdpa(128, 8192, "auto", key_block_size=64),  # 128 x 64 blocks
+        lambda: fused_vs_torch_plan(16384, key_block_size=64, force_local_blocks=8, peak_weight=0.5),
         lambda: chunked_exact(9000, 3001),
         lambda: fused_vs_torch_plan(16384),
         lambda: shared_index_buffer(20000),

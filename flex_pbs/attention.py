@@ -174,7 +174,7 @@ def score_stage(
     if config.scoring == "antidiagonal" and _fused(q, config):
         from .kernels import antidiagonal
 
-        if antidiagonal.supports(q, config.block_size, config.stride):
+        if antidiagonal.supports(q, config.block_size, config.stride, config.kv_block):
             return antidiagonal.antidiagonal_block_scores_fused(
                 q, k_perm, key_order, layout, config.stride, scale,
                 fp8=config.scoring_fp8, peak_weight=config.peak_weight,
@@ -213,7 +213,7 @@ def build_stage(
     device_type = key_order.device.type
     kernel_lengths = (
         bucket_length(layout.q_len, layout.block_size, device_type),
-        bucket_length(layout.kv_len, layout.block_size, device_type),
+        bucket_length(layout.kv_len, layout.kv_block, device_type),
     )
     return build_flex_mask(indices, key_order if permuted else None, layout, kernel_lengths)
 
@@ -222,7 +222,9 @@ def _plan_with_keys(
     q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
 ) -> tuple[PBSPlan, torch.Tensor]:
     """The plan and the permuted keys (so that attention does not gather them twice)."""
-    layout = BlockLayout(q.shape[2], k.shape[2], q_offset, config.block_size, config.segment_size)
+    layout = BlockLayout(
+        q.shape[2], k.shape[2], q_offset, config.block_size, config.segment_size, config.key_block_size
+    )
     if config.is_dense_for(k.shape[2]):
         return _dense_plan(q, k, layout), k
     key_order, k_perm = permute_stage(q, k, config, scale, q_offset)

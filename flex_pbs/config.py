@@ -40,17 +40,22 @@ class PBSConfig:
     ``block_size=64, segment_size=64, force_local_blocks=8, peak_weight=0.5``.
 
     Attributes:
-        block_size: tokens per attention block (query and key); the FlexAttention tile.
+        block_size: tokens per query block (and per key block unless ``key_block_size`` is
+            set); the FlexAttention tile.
+        key_block_size: tokens per key block, ``None`` = ``block_size``. ``block_size=128,
+            key_block_size=64`` selects keys at 64-token granularity while FlexAttention keeps
+            its 128-row query tiles (64-row tiles run at about half speed on Hopper).
         segment_size: keys are sorted only inside complete segments of this many tokens, and
             the diagonal segment (the query's own) is always computed, token-causally; a
-            multiple of ``block_size``, at least two blocks when keys are permuted (sorting
-            inside one block cannot change which blocks hold the important keys).
+            multiple of ``block_size`` and of ``key_block_size``, at least two key blocks when
+            keys are permuted (sorting inside one block cannot change which blocks hold the
+            important keys).
         threshold: keep the fewest blocks whose cumulative score reaches this fraction of
             the row total; ``1.0`` keeps every causal block (dense).
         scoring: ``"antidiagonal"`` (XAttention-style strided antidiagonal sums),
             ``"mean"`` (softmax of mean-pooled Q·K, the PBS paper) or ``"oracle"`` (the exact
             attention mass of every block: O(L²), an upper bound for analysis only).
-        stride: antidiagonal stride S; must divide ``block_size``.
+        stride: antidiagonal stride S; must divide ``block_size`` and ``key_block_size``.
         peak_weight: the share of the *peak* estimate (softmax of each antidiagonal's largest
             product, which keeps one strong query-key pair that the mean of ``S`` products
             dilutes) mixed into XAttention's mean estimate; ``0.0`` is XAttention's scoring.
@@ -62,7 +67,7 @@ class PBSConfig:
             segment (a local window; it carries the recent context of a segment's first
             queries, which block scores that sum over a whole query block under-serve).
         dense_below: sequences with fewer keys than this run dense attention (sequences
-            of at most ``segment_size + force_local_blocks * block_size`` keys always do:
+            of at most ``segment_size + force_local_blocks * key_block_size`` keys always do:
             every causal block is forced, there is nothing to skip).
         max_density: optional per-row budget: at most ``ceil(max_density * causal blocks)``
             blocks are computed per query-block row (forced blocks are never dropped).
@@ -81,6 +86,7 @@ class PBSConfig:
     """
 
     block_size: int = 128
+    key_block_size: int | None = None
     segment_size: int = 128
     threshold: float = 0.9
     scoring: str = "antidiagonal"
@@ -100,16 +106,26 @@ class PBSConfig:
         _require_int("block_size", self.block_size, 16)
         if self.block_size % 16:
             raise ValueError(f"PBSConfig.block_size must be a multiple of 16, got {self.block_size}")
+        if self.key_block_size is not None:
+            _require_int("key_block_size", self.key_block_size, 16)
+            if self.key_block_size % 16:
+                raise ValueError(f"PBSConfig.key_block_size must be a multiple of 16, got {self.key_block_size}")
         _require_int("segment_size", self.segment_size, 1)
         if self.segment_size % self.block_size:
             raise ValueError(
                 f"PBSConfig.segment_size ({self.segment_size}) must be a multiple of "
                 f"block_size ({self.block_size})"
             )
-        _require_int("stride", self.stride, 1)
-        if self.block_size % self.stride:
+        if self.segment_size % self.kv_block:
             raise ValueError(
-                f"PBSConfig.stride ({self.stride}) must divide block_size ({self.block_size})"
+                f"PBSConfig.segment_size ({self.segment_size}) must be a multiple of "
+                f"key_block_size ({self.kv_block})"
+            )
+        _require_int("stride", self.stride, 1)
+        if self.block_size % self.stride or self.kv_block % self.stride:
+            raise ValueError(
+                f"PBSConfig.stride ({self.stride}) must divide block_size ({self.block_size}) "
+                f"and key_block_size ({self.kv_block})"
             )
         _require_fraction("threshold", self.threshold)
         _require_fraction("max_density", self.max_density, allow_none=True)
@@ -121,10 +137,10 @@ class PBSConfig:
             raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.permute not in PERMUTES:
             raise ValueError(f"PBSConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
-        if self.permute != "none" and self.segment_size < 2 * self.block_size:
+        if self.permute != "none" and self.segment_size < 2 * self.kv_block:
             raise ValueError(
                 f"PBSConfig(permute={self.permute!r}) needs segment_size >= 2 * block_size "
-                f"(got {self.segment_size} with block_size {self.block_size}): keys sorted inside "
+                f"(got {self.segment_size} with key blocks of {self.kv_block}): keys sorted inside "
                 f"one block stay in that block; the paper uses segment_size=256 with 128-blocks"
             )
         for flag in ("force_sink", "scoring_fp8", "threshold_counts_forced"):
@@ -149,9 +165,14 @@ class PBSConfig:
         """A copy with some fields changed (validated like the constructor)."""
         return PBSConfig.from_dict({**dataclasses.asdict(self), **changes})
 
+    @property
+    def kv_block(self) -> int:
+        """Tokens per key block: ``key_block_size``, or ``block_size`` when unset."""
+        return self.key_block_size or self.block_size
+
     def is_dense_for(self, kv_len: int) -> bool:
         """Whether a sequence of ``kv_len`` keys falls back to dense attention: below
         ``dense_below``, or when the diagonal segment and the local window already cover every
-        causal block (at most ``segment_size + force_local_blocks * block_size`` keys)."""
-        forced_span = self.segment_size + self.force_local_blocks * self.block_size
+        causal block (at most ``segment_size + force_local_blocks * key_block_size`` keys)."""
+        forced_span = self.segment_size + self.force_local_blocks * self.kv_block
         return kv_len <= forced_span or kv_len < self.dense_below

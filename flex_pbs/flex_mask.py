@@ -70,9 +70,9 @@ def build_flex_mask(
     """
     kv_num, kv_idx, full_num, full_idx = indices
     q_heads, n_q, n_k = kv_idx.shape[1:]
-    bs = layout.block_size
+    q_block, kv_block = layout.block_size, layout.kv_block
     q_len, kv_len = kernel_lengths or (layout.q_len, layout.kv_len)
-    pad_q, pad_k = -(-q_len // bs) - n_q, -(-kv_len // bs) - n_k
+    pad_q, pad_k = -(-q_len // q_block) - n_q, -(-kv_len // kv_block) - n_k
     if pad_q or pad_k:
         kv_num, full_num = (F.pad(n, (0, pad_q)) for n in (kv_num, full_num))
         kv_idx, full_idx = (F.pad(i, (0, pad_k, 0, pad_q)) for i in (kv_idx, full_idx))
@@ -97,7 +97,7 @@ def build_flex_mask(
         kv_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=bs,
+        BLOCK_SIZE=(q_block, kv_block),
         mask_mod=original_position_causal,
         seq_lengths=(q_len, kv_len),
         **_SKIP_Q_BLOCKS,

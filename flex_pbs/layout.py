@@ -24,13 +24,22 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Sizes and positions of a (query, key) problem cut into blocks and segments."""
+    """Sizes and positions of a (query, key) problem cut into blocks and segments.
+
+    ``block_size`` tokens per query block; ``key_block_size`` per key block (``None``: the same).
+    """
 
     q_len: int
     kv_len: int
     q_offset: int
     block_size: int
     segment_size: int
+    key_block_size: int | None = None
+
+    @property
+    def kv_block(self) -> int:
+        """Tokens per key block."""
+        return self.key_block_size or self.block_size
 
     @property
     def num_q_blocks(self) -> int:
@@ -38,7 +47,7 @@ class BlockLayout:
 
     @property
     def num_kv_blocks(self) -> int:
-        return cdiv(self.kv_len, self.block_size)
+        return cdiv(self.kv_len, self.kv_block)
 
     def query_block_bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """First and last absolute position of each query block: two long ``[nQ]``."""
@@ -48,7 +57,7 @@ class BlockLayout:
 
     def key_block_segments(self, device: torch.device) -> torch.Tensor:
         """Segment index of each key block: long ``[nK]``."""
-        return torch.arange(self.num_kv_blocks, device=device) * self.block_size // self.segment_size
+        return torch.arange(self.num_kv_blocks, device=device) * self.kv_block // self.segment_size
 
     def diagonal_blocks(self, device: torch.device) -> torch.Tensor:
         """Key blocks in a segment the query block overlaps: bool ``[nQ, nK]``.
@@ -77,7 +86,7 @@ class BlockLayout:
         They hold the query block's most recent earlier-segment keys (in some order).
         """
         first, _ = self.query_block_bounds(device)
-        diagonal_start = (first // self.segment_size) * (self.segment_size // self.block_size)
+        diagonal_start = (first // self.segment_size) * (self.segment_size // self.kv_block)
         blocks = torch.arange(self.num_kv_blocks, device=device)
         return (blocks[None, :] < diagonal_start[:, None]) & (blocks[None, :] >= diagonal_start[:, None] - count)
 
@@ -88,7 +97,7 @@ class BlockLayout:
             key_order: long ``[B, Hkv, kv_len]``, original position of each key slot.
         """
         _, last = self.query_block_bounds(key_order.device)
-        first_key = block_min_position(key_order, self.block_size)
+        first_key = block_min_position(key_order, self.kv_block)
         return first_key[:, :, None, :] <= last[None, None, :, None]
 
 

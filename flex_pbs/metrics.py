@@ -74,7 +74,7 @@ def selection_recall(
     # Permuted block of each original key: [B, Hkv, Lk].
     slot_of_key = torch.empty_like(key_order)
     slot_of_key.scatter_(-1, key_order, torch.arange(kv_len, device=q.device).expand_as(key_order))
-    block_of_key = slot_of_key // bs
+    block_of_key = slot_of_key // layout.kv_block
     selected = selected.reshape(batch, kv_heads, group, selected.shape[2], -1)
 
     spans = [(i, b * bs, min((b + 1) * bs, q_len)) for i, b in enumerate(query_blocks.tolist())]

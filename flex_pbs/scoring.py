@@ -42,7 +42,7 @@ def mean_pool_block_scores(
     batch, q_heads = q.shape[:2]
     kv_heads = k_perm.shape[1]
     pooled_q = _block_means(q, layout.block_size).reshape(batch, kv_heads, -1, q.shape[-1])
-    pooled_k = _block_means(k_perm, layout.block_size)
+    pooled_k = _block_means(k_perm, layout.kv_block)
     logits = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale
     logits = logits.reshape(batch, q_heads, layout.num_q_blocks, layout.num_kv_blocks)
     eligible = layout.earlier_segment_blocks(q.device)
@@ -69,8 +69,8 @@ def antidiagonal_block_scores(
     pair (a copied phrase, a retrieved fact) among ``S``, the maximum keeps it at full height.
     Each row's softmax runs in float32 over its visible slots (a slot is visible when its
     earliest original key precedes the row's last query: XAttention's stride-level causal mask
-    when keys are not permuted); block scores sum the ``(block/S)²`` entries of each tile, so a
-    full row of blocks sums to the number of strided rows in the query block.
+    when keys are not permuted); block scores sum the ``(block/S) × (key block/S)`` entries of
+    each tile, so a full row of blocks sums to the number of strided rows in the query block.
 
     Args:
         q: ``[B, Hq, Lq, D]``.
@@ -84,13 +84,13 @@ def antidiagonal_block_scores(
     kv_heads = k_perm.shape[1]
     group = q_heads // kv_heads
     bs, n_q, n_k = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
-    rows_per_block = bs // stride
+    rows_per_block, slots_per_block = bs // stride, layout.kv_block // stride
 
     # [B, Hkv, G, R, S, D]: each strided query row with its S queries in reverse order.
     q_rows = _pad_to(q, n_q * bs).reshape(batch, kv_heads, group, n_q * rows_per_block, stride, dim).flip(-2)
     # [B, Hkv, K, S, D]: each key slot with its S keys in order.
-    k_slots = _pad_to(k_perm, n_k * bs).reshape(batch, kv_heads, n_k * rows_per_block, stride, dim)
-    slot_first = block_min_position(key_order, bs, stride)[:, :, None, None, :]
+    k_slots = _pad_to(k_perm, n_k * layout.kv_block).reshape(batch, kv_heads, n_k * slots_per_block, stride, dim)
+    slot_first = block_min_position(key_order, layout.kv_block, stride)[:, :, None, None, :]
     row_start = torch.arange(n_q * rows_per_block, device=q.device) * stride
     row_last = torch.clamp(row_start + stride - 1, max=q_len - 1) + layout.q_offset
     row_valid = row_start < q_len
@@ -101,7 +101,7 @@ def antidiagonal_block_scores(
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         probs = probs * row_valid[rows][:, None]
         n_rows = rows.numel()
-        tiles = probs.view(batch, kv_heads, group, n_rows // rows_per_block, rows_per_block, n_k, rows_per_block)
+        tiles = probs.view(batch, kv_heads, group, n_rows // rows_per_block, rows_per_block, n_k, slots_per_block)
         return tiles.sum(dim=(-3, -1))
 
     scores = []
@@ -133,8 +133,8 @@ def oracle_block_scores(
     kv_heads = k_perm.shape[1]
     group = q_heads // kv_heads
     bs, n_q, n_k = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
-    k_blocks = _pad_to(k_perm.float(), n_k * bs)
-    key_pos = F.pad(key_order, (0, n_k * bs - layout.kv_len), value=PAST_ANY_QUERY)[:, :, None]
+    k_blocks = _pad_to(k_perm.float(), n_k * layout.kv_block)
+    key_pos = F.pad(key_order, (0, n_k * layout.kv_block - layout.kv_len), value=PAST_ANY_QUERY)[:, :, None]
     scores = []
     for block in range(n_q):
         rows = torch.arange(block * bs, min((block + 1) * bs, q_len), device=q.device)
@@ -142,7 +142,7 @@ def oracle_block_scores(
         logits = torch.matmul(q_block, k_blocks.transpose(-1, -2)) * scale
         visible = key_pos <= (rows + layout.q_offset).repeat(group)[:, None]
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        probs = probs.view(batch, kv_heads, group, rows.numel(), n_k, bs).sum(dim=(3, 5))
+        probs = probs.view(batch, kv_heads, group, rows.numel(), n_k, layout.kv_block).sum(dim=(3, 5))
         scores.append(probs)
     return torch.stack(scores, dim=3).reshape(batch, q_heads, n_q, n_k)
 

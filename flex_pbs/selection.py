@@ -82,7 +82,7 @@ def sink_blocks(key_order: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """One-hot of the key block holding original token 0: bool ``[B, Hkv, 1, nK]``."""
     sink_slot = (key_order == 0).to(torch.uint8).argmax(dim=-1)
     blocks = torch.arange(layout.num_kv_blocks, device=key_order.device)
-    return (blocks == (sink_slot // layout.block_size)[..., None])[:, :, None, :]
+    return (blocks == (sink_slot // layout.kv_block)[..., None])[:, :, None, :]
 
 
 def forced_blocks(key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig) -> torch.Tensor:

@@ -83,6 +83,24 @@ def test_short_inputs_fall_back_to_dense():
     assert plan.dense
 
 
+@pytest.mark.parametrize("permute, segment", [("none", 128), ("key", 256)])
+def test_narrower_key_blocks_keep_attention_exact_and_select_per_key_block(permute, segment):
+    q, k, v = random_qkv(2, 8, 2, 1000, 64)
+    cfg = PBSConfig(key_block_size=64, permute=permute, segment_size=segment, force_local_blocks=8)
+    out, plan = pbs_attention(q, k, v, cfg.replace(threshold=1.0), return_plan=True)
+    assert rel_error(out, sdpa(q, k, v)) < 1e-5 and plan.flex_mask.BLOCK_SIZE == (128, 64)
+    # Chunked prefill: queries at the end of the keys.
+    chunk = pbs_attention(q[:, :, 600:], k, v, cfg.replace(threshold=1.0), q_offset=600)
+    assert rel_error(chunk, sdpa(q, k, v)[:, :, 600:]) < 1e-5
+    plan = build_plan(q, k, cfg.replace(threshold=0.5))
+    assert plan.block_mask.shape == (2, 8, 8, 16) and plan.causal_blocks.shape == (2, 2, 8, 16)
+    # Forced per row: the key blocks of the diagonal segment and the 8 key blocks (512 tokens)
+    # before it; query block 7 (positions 896..999) of an unpermuted layout: key blocks 6..15.
+    if permute == "none":
+        assert plan.block_mask[..., 7, 6:].all() and plan.block_mask[..., 6, 4:14].all()
+    assert 0 < plan.density < 1
+
+
 def test_plan_shapes_and_types():
     q, k, _ = random_qkv(2, 6, 3, 1100, 32)
     plan = build_plan(q, k, PBSConfig(threshold=0.9, permute="key", segment_size=256))

@@ -44,6 +44,16 @@ CHECK = textwrap.dedent(
         err = (out - ref).abs().max().item()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert err < tol, (b, hq, hkv, lk, lq, d, bs, s, seg, dtype, err)
+    # Key blocks narrower than query blocks (128 queries x 64 keys; permuted, chunked, ragged).
+    for b, hq, hkv, lk, lq, d, bs, kbs, s, seg in [(1, 4, 2, 1100, 800, 32, 128, 64, 8, 256), (1, 2, 1, 1003, 1003, 16, 128, 32, 4, 128)]:
+        q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
+        order = segment_key_order(key_importance(q, k, bs, d**-0.5, lk - lq), seg)
+        k_perm = permute_keys(k, order)
+        layout = BlockLayout(lq, lk, lk - lq, bs, seg, kbs)
+        for weight in (0.0, 0.5):
+            ref = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
+            out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
+            assert ref.shape[-1] == -(-lk // kbs) and (out - ref).abs().max() < 1e-4, (kbs, weight, (out - ref).abs().max())
     # A peak estimate mixed in: the chunk products kept apart, a second online softmax.
     for b, hq, hkv, lk, lq, d, bs, s, seg in [(1, 4, 2, 1100, 800, 32, 128, 8, 256), (1, 2, 1, 1003, 1003, 16, 64, 8, 64)]:
         q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
@@ -110,11 +120,13 @@ CHECK = textwrap.dedent(
         (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=1.0)),
         (1, 2, 1, 1024, 1024, 16, PBSConfig(threshold=0.7, force_sink=False, scoring="mean")),
         (1, 2, 2, 1300, 1300, 16, PBSConfig(threshold=0.8, threshold_counts_forced=False)),
+        (1, 4, 2, 1500, 1200, 32, PBSConfig(threshold=0.8, key_block_size=64, force_local_blocks=8)),
+        (1, 2, 1, 1300, 1300, 16, PBSConfig(threshold=0.7, key_block_size=64, permute="key", segment_size=256)),
     ]
     for b, hq, hkv, lk, lq, d, cfg in configs:
         cfg = cfg.replace(backend="torch")
         q, k = torch.randn(b, hq, lq, d) * 2, torch.randn(b, hkv, lk, d)
-        layout = BlockLayout(lq, lk, lk - lq, cfg.block_size, cfg.segment_size)
+        layout = BlockLayout(lq, lk, lk - lq, cfg.block_size, cfg.segment_size, cfg.key_block_size)
         order, k_perm = permute_stage(q, k, cfg, d**-0.5, lk - lq)
         scores = score_stage(q, k_perm, order, layout, cfg, d**-0.5)
         selected, indices = select_stage(scores, order, layout, cfg)
@@ -137,7 +149,8 @@ CHECK = textwrap.dedent(
     from flex_pbs.attention import build_stage
     from flex_pbs.flex import flex_attend
     v = torch.randn(1, 2, 1024, 32)
-    for cfg in (PBSConfig(threshold=0.8, backend="triton"), PBSConfig(threshold=0.7, segment_size=256, backend="triton")):
+    for cfg in (PBSConfig(threshold=0.8, backend="triton"), PBSConfig(threshold=0.7, segment_size=256, backend="triton"),
+                PBSConfig(threshold=0.8, key_block_size=64, backend="triton")):
         plan = build_plan(q, k, cfg)
         assert not plan.flex_mask.kv_indices.is_contiguous()  # the shared buffer, not copies
         torch_lists = selection_indices(plan.block_mask, plan.layout.diagonal_blocks(q.device))

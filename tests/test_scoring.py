@@ -103,3 +103,18 @@ def test_peak_estimate_keeps_one_strong_pair_that_the_mean_dilutes():
     # The peak softmax gives the matching strided row's mass (a row sums to 1) to that block;
     # the mean estimate, whose logit is an eighth of the pair's, barely moves it.
     assert excess[1.0] > 0.8 and excess[0.0] < 0.2, excess
+
+
+def test_scores_with_narrower_key_blocks_sum_finer_tiles():
+    q, k = torch.randn(1, 2, 1000, 16), torch.randn(1, 1, 1000, 16)
+    order = identity_key_order(k)
+    wide, narrow = BlockLayout(1000, 1000, 0, 128, 128), BlockLayout(1000, 1000, 0, 128, 128, 64)
+    for weight in (0.0, 0.5):
+        scores = antidiagonal_block_scores(q, k, order, narrow, 8, 0.25, peak_weight=weight)
+        assert scores.shape == (1, 2, 8, 16)
+        # Pairs of 64-key blocks add up to the 128-block scores (the same softmax per row).
+        whole = antidiagonal_block_scores(q, k, order, wide, 8, 0.25, peak_weight=weight)
+        assert torch.allclose(scores.unflatten(-1, (8, 2)).sum(-1), whole, atol=1e-5)
+    exact = build_plan(q * 2, k, PBSConfig(scoring="oracle", key_block_size=64, threshold=0.8)).block_scores
+    assert exact.shape == (1, 2, 8, 16)
+    assert torch.allclose(exact.sum(-1), torch.tensor([128.0] * 7 + [1000 - 7 * 128]).expand(1, 2, 8), atol=1e-3)

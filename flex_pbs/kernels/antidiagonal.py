@@ -145,13 +145,14 @@ def _antidiagonal_kernel(
     q_len, q_offset, n_q_blocks, n_kv_blocks, q_heads, kv_heads, n_q_tiles, heads_total, n_programs,
     q_rows_per_head, k_rows_per_head,
     logit_scale, peak_weight,
-    Q_BLOCKS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    Q_BLOCKS: tl.constexpr, ROWS: tl.constexpr, K_ROWS: tl.constexpr, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
     TILE_BLOCKS: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, SCRATCH_COLS: tl.constexpr,
     FP8: tl.constexpr, PRECISION: tl.constexpr, PEAK: tl.constexpr,
 ):
-    BLOCK: tl.constexpr = ROWS * STRIDE
+    BLOCK: tl.constexpr = ROWS * STRIDE  # tokens per query block
+    SEGMENT: tl.constexpr = SEGMENT_BLOCKS * K_ROWS * STRIDE  # tokens per segment
     M: tl.constexpr = Q_BLOCKS * ROWS
-    N: tl.constexpr = TILE_BLOCKS * ROWS
+    N: tl.constexpr = TILE_BLOCKS * K_ROWS
     pid = tl.program_id(0)
     if FP8:  # undo K's per-tensor scale (read on the device: no host sync); Q's are per row
         logit_scale = logit_scale * (tl.maximum(tl.load(k_amax_ptr), 1e-6) / _FP8_RANGE)
@@ -177,9 +178,9 @@ def _antidiagonal_kernel(
         row_valid = row_start < q_len
         row_last = tl.minimum(row_start + STRIDE - 1, q_len - 1) + q_offset
         last_pos = tl.minimum((first_block + Q_BLOCKS) * BLOCK, q_len) - 1 + q_offset
-        kv_end = tl.minimum(n_kv_blocks, (last_pos // (SEGMENT_BLOCKS * BLOCK) + 1) * SEGMENT_BLOCKS)
+        kv_end = tl.minimum(n_kv_blocks, (last_pos // SEGMENT + 1) * SEGMENT_BLOCKS)
         # Key blocks before the first query block's diagonal segment are visible to every row.
-        all_visible = ((first_block * BLOCK + q_offset) // (SEGMENT_BLOCKS * BLOCK)) * SEGMENT_BLOCKS
+        all_visible = ((first_block * BLOCK + q_offset) // SEGMENT) * SEGMENT_BLOCKS
         q_row = bh * q_rows_per_head + tile * M
         k_row = (b * kv_heads + h_kv) * k_rows_per_head
         f_head = slot_first_ptr + b * stride_fb + h_kv * stride_fh
@@ -202,7 +203,7 @@ def _antidiagonal_kernel(
             t = step % STRIDE
             j0 = (step // STRIDE) * TILE_BLOCKS
             q_chunk = q_desc.load([q_row, (STRIDE - 1 - t) * HEAD_DIM])
-            k_chunk = k_desc.load([k_row + j0 * ROWS, t * HEAD_DIM])
+            k_chunk = k_desc.load([k_row + j0 * K_ROWS, t * HEAD_DIM])
             if PEAK:
                 term = tl.dot(q_chunk, tl.trans(k_chunk), input_precision=PRECISION)
                 acc += term
@@ -214,8 +215,8 @@ def _antidiagonal_kernel(
                 if PEAK:  # the mean's 1/S is in row_scale; the peak is one product
                     peak_logits = peak * (row_scale * STRIDE)[:, None]
                 if j0 + TILE_BLOCKS > all_visible:  # near the diagonal: compare positions
-                    slot = j0 * ROWS + n_idx
-                    first = tl.load(f_head + slot, mask=slot < kv_end * ROWS, other=_NOT_VISIBLE_POSITION)
+                    slot = j0 * K_ROWS + n_idx
+                    first = tl.load(f_head + slot, mask=slot < kv_end * K_ROWS, other=_NOT_VISIBLE_POSITION)
                     visible = first[None, :] <= row_last[:, None]
                     logits = tl.where(visible, logits, float("-inf"))
                     if PEAK:
@@ -223,7 +224,7 @@ def _antidiagonal_kernel(
                 if PEAK:
                     peak_new = tl.maximum(peak_m, tl.max(peak_logits, axis=1))
                     peak_safe = tl.where(peak_new == float("-inf"), 0.0, peak_new)
-                    peak_sums = tl.sum(tl.reshape(tl.exp2(peak_logits - peak_safe[:, None]), (M, TILE_BLOCKS, ROWS)), axis=2)
+                    peak_sums = tl.sum(tl.reshape(tl.exp2(peak_logits - peak_safe[:, None]), (M, TILE_BLOCKS, K_ROWS)), axis=2)
                     peak_l = peak_l * tl.exp2(peak_m - peak_safe) + tl.sum(peak_sums, axis=1)
                     peak_m = peak_new
                     tl.store(
@@ -234,7 +235,7 @@ def _antidiagonal_kernel(
                 m_new = tl.maximum(m_i, tl.max(logits, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp2(logits - m_safe[:, None])
-                block_sums = tl.sum(tl.reshape(p, (M, TILE_BLOCKS, ROWS)), axis=2)
+                block_sums = tl.sum(tl.reshape(p, (M, TILE_BLOCKS, K_ROWS)), axis=2)
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(block_sums, axis=1)
                 m_i = m_new
                 tl.store(
@@ -265,11 +266,11 @@ def _antidiagonal_kernel(
             )
 
 
-def supports(q: torch.Tensor, block_size: int, stride: int) -> bool:
+def supports(q: torch.Tensor, block_size: int, stride: int, key_block_size: int | None = None) -> bool:
     """Whether the fused kernel handles this shape (power-of-two tiles of at most 256 rows)."""
-    rows = block_size // stride
     dim = q.shape[-1]
-    return 4 <= rows <= 256 and rows & (rows - 1) == 0 and dim >= 16 and dim & (dim - 1) == 0
+    rows = (block_size // stride, (key_block_size or block_size) // stride)
+    return all(4 <= r <= 256 and r & (r - 1) == 0 for r in rows) and dim >= 16 and dim & (dim - 1) == 0
 
 
 def _launch_options(itemsize: int, peak: bool = False) -> tuple[int, int, int]:
@@ -312,17 +313,17 @@ def antidiagonal_block_scores_fused(
     """
     batch, q_heads, q_len, dim = q.shape
     kv_heads = k_perm.shape[1]
-    rows = layout.block_size // stride
+    rows, k_rows = layout.block_size // stride, layout.kv_block // stride
     n_q, n_k = layout.num_q_blocks, layout.num_kv_blocks
     peak = peak_weight > 0
     slots, warps, stages = _launch_options(1 if fp8 else q.element_size(), peak)
     tile_slots, num_warps, num_stages = tile_slots or slots, num_warps or warps, num_stages or stages
     q_blocks = max(1, _TILE_ROWS // rows)
-    tile_blocks = max(1, tile_slots // rows)
+    tile_blocks = max(1, tile_slots // k_rows)
     n_q_tiles = triton.cdiv(n_q, q_blocks)
     scratch_cols = triton.cdiv(n_k, tile_blocks) * tile_blocks
     # Positions fit int32 (half the registers of int64 in the kernel's visibility test).
-    slot_first = block_min_position(key_order, layout.block_size, stride).clamp_(max=_INT32_MAX).int()
+    slot_first = block_min_position(key_order, layout.kv_block, stride).clamp_(max=_INT32_MAX).int()
     out = torch.zeros(batch, q_heads, n_q, n_k, device=q.device, dtype=torch.float32)
     q_descale = k_amax = out  # only read in fp8
     if fp8:
@@ -332,7 +333,7 @@ def antidiagonal_block_scores_fused(
         q_in, k_in = _padded_rows(q, stride), _padded_rows(k_perm, stride)
     # [B, H, L, D] -> [B·H·L/S, S·D]: row i of a head holds the tokens of stride slot i.
     q_desc = TensorDescriptor.from_tensor(q_in.view(-1, stride * dim), [q_blocks * rows, dim])
-    k_desc = TensorDescriptor.from_tensor(k_in.view(-1, stride * dim), [tile_blocks * rows, dim])
+    k_desc = TensorDescriptor.from_tensor(k_in.view(-1, stride * dim), [tile_blocks * k_rows, dim])
     n_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     programs = min(n_q_tiles * batch * q_heads, n_sms)
     scratch = torch.empty(programs, q_blocks * rows, scratch_cols, device=q.device, dtype=torch.float32)
@@ -344,8 +345,8 @@ def antidiagonal_block_scores_fused(
         q_len, layout.q_offset, n_q, n_k, q_heads, kv_heads, n_q_tiles, batch * q_heads, programs,
         q_in.shape[2] // stride, k_in.shape[2] // stride,
         scale / stride * _LOG2E, float(peak_weight),
-        Q_BLOCKS=q_blocks, ROWS=rows, STRIDE=stride, HEAD_DIM=dim, TILE_BLOCKS=tile_blocks,
-        SEGMENT_BLOCKS=layout.segment_size // layout.block_size, SCRATCH_COLS=scratch_cols, FP8=fp8, PEAK=peak,
+        Q_BLOCKS=q_blocks, ROWS=rows, K_ROWS=k_rows, STRIDE=stride, HEAD_DIM=dim, TILE_BLOCKS=tile_blocks,
+        SEGMENT_BLOCKS=layout.segment_size // layout.kv_block, SCRATCH_COLS=scratch_cols, FP8=fp8, PEAK=peak,
         # fp32 operands: three tf32 products (fp32 accuracy on tensor cores); plain tf32's
         # 10-bit mantissa moves the scores by ~1e-2
         PRECISION="tf32x3" if q_in.dtype == torch.float32 else "tf32",

@@ -25,7 +25,8 @@ def _select_row_kernel(
     selected_ptr, kv_num_ptr, full_num_ptr, idx_ptr, idx_row_stride, partial_width,
     n_q_blocks, n_kv_blocks, q_heads, group, q_len, q_offset,
     threshold, max_density, force_local,
-    BLOCK: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, COLS: tl.constexpr, BISECT_STEPS: tl.constexpr,
+    BLOCK: tl.constexpr, SEGMENT: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, COLS: tl.constexpr,
+    BISECT_STEPS: tl.constexpr,
     KEEP_ALL: tl.constexpr, HAS_BUDGET: tl.constexpr, COUNT_FORCED: tl.constexpr, FORCE_SINK: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b * Hq + h) * nQ + i
@@ -38,8 +39,9 @@ def _select_row_kernel(
 
     first_pos = q_offset + i * BLOCK
     last_pos = q_offset + tl.minimum((i + 1) * BLOCK, q_len) - 1
-    diag_start = (first_pos // (SEGMENT_BLOCKS * BLOCK)) * SEGMENT_BLOCKS
-    diag_stop = (last_pos // (SEGMENT_BLOCKS * BLOCK) + 1) * SEGMENT_BLOCKS
+    # BLOCK: tokens per query block; SEGMENT tokens = SEGMENT_BLOCKS key blocks.
+    diag_start = (first_pos // SEGMENT) * SEGMENT_BLOCKS
+    diag_stop = (last_pos // SEGMENT + 1) * SEGMENT_BLOCKS
     block_first = tl.load(block_first_ptr + (b * (q_heads // group) + hkv) * n_kv_blocks + cols, mask=valid, other=2**62)
     causal = valid & (block_first <= last_pos)
     diagonal = causal & (cols >= diag_start) & (cols < diag_stop)
@@ -122,9 +124,9 @@ def select_and_index_fused(
     batch, q_heads, n_q, n_k = scores.shape
     group = q_heads // key_order.shape[1]
     scores = scores.contiguous()
-    block_first = block_min_position(key_order, layout.block_size).contiguous()
+    block_first = block_min_position(key_order, layout.kv_block).contiguous()
     selected = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
-    segment_blocks = layout.segment_size // layout.block_size
+    segment_blocks = layout.segment_size // layout.kv_block
     partial_width = 2 * segment_blocks  # a query block overlaps at most two segments
     lists = torch.zeros(batch, q_heads, n_q, partial_width + n_k, dtype=torch.int32, device=scores.device)
     kv_num = torch.empty(batch, q_heads, n_q, dtype=torch.int32, device=scores.device)
@@ -134,7 +136,7 @@ def select_and_index_fused(
         selected, kv_num, full_num, lists, lists.stride(2), partial_width,
         n_q, n_k, q_heads, group, layout.q_len, layout.q_offset,
         float(config.threshold), float(config.max_density or 1.0), config.force_local_blocks,
-        BLOCK=layout.block_size, SEGMENT_BLOCKS=segment_blocks,
+        BLOCK=layout.block_size, SEGMENT=layout.segment_size, SEGMENT_BLOCKS=segment_blocks,
         COLS=triton.next_power_of_2(n_k), BISECT_STEPS=32,
         KEEP_ALL=config.threshold >= 1.0, HAS_BUDGET=config.max_density is not None,
         COUNT_FORCED=config.threshold_counts_forced, FORCE_SINK=config.force_sink,
