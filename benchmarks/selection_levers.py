@@ -21,7 +21,9 @@ computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by r
   on Hopper (``BLOCK_N=64``) where 64-row query tiles are slow: the engine plans with 64-token
   blocks, the scores of each pair of query rows are summed, and the engine's threshold selection
   runs on the wider rows with the same forced span (the query block's own keys, 512 tokens before
-  them, key block 0). Does it keep the quality that 64-token blocks gain?
+  them, key block 0). Does it keep the quality that 64-token blocks gain? (The engine has since
+  gained this layout, ``PBSConfig(key_block_size=64, force_local_blocks=8)``, and reproduces the
+  line's numbers; the line stays to regenerate the committed CSVs.)
 
 ``--scoring``, ``--stride`` and ``--peak-weight`` set the engine's scorer for every line (the CSV
 line then reads ``key64 stride=4``, ``key64 peak_weight=0.5``, ``key64 scoring=oracle``: exact

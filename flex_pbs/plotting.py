@@ -374,7 +374,7 @@ def block_masks(
 ) -> Figure:
     """The block masks of several methods side by side, for one query head.
 
-    Each panel shows which ``block_size × block_size`` blocks the method computes (query block
+    Each panel shows which ``block_size × key_block_size`` blocks the method computes (query block
     rows, key block columns in the method's own key layout: permuted for ``pbs``/``pbs_mean``),
     with the head's density (computed / causal blocks) and, if given, recall in its title.
     A dense plan (``method_plans(..., ["dense"])``) shows the causal mask.
@@ -396,7 +396,9 @@ def block_masks(
     fig = Figure(figsize=(3.3 * len(plans) + 1.6, 3.9), layout="constrained")
     axes = fig.subplots(1, len(plans), squeeze=False)[0]
     for ax, (name, plan) in zip(axes, plans.items()):
-        image = ax.imshow(block_states(plan, head, batch), cmap=cmap, norm=norm, interpolation="nearest")
+        # Cells drawn in token proportions: query blocks may be taller than key blocks are wide.
+        aspect = plan.layout.block_size / plan.layout.kv_block
+        image = ax.imshow(block_states(plan, head, batch), cmap=cmap, norm=norm, interpolation="nearest", aspect=aspect)
         permuted = not torch.equal(plan.key_order, torch.arange(plan.layout.kv_len).expand_as(plan.key_order))
         density = float(plan.head_density[batch, head])
         recall = f", recall {recalls[name]:.3f}" if recalls is not None else ""
@@ -406,8 +408,9 @@ def block_masks(
     colorbar = fig.colorbar(image, ax=list(axes), shrink=0.8, ticks=range(len(_BLOCK_STATES)))
     colorbar.ax.set_yticklabels(_BLOCK_STATES, fontsize=8)
     colorbar.set_label("block state")
-    block_size = next(iter(plans.values())).layout.block_size
-    fig.suptitle(title or f"Block masks of query head {head} ({block_size}-token blocks)")
+    layout = next(iter(plans.values())).layout
+    blocks = f"{layout.block_size}" if layout.kv_block == layout.block_size else f"{layout.block_size}×{layout.kv_block}"
+    fig.suptitle(title or f"Block masks of query head {head} ({blocks}-token blocks)")
     return fig
 
 

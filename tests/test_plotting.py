@@ -103,6 +103,16 @@ def test_block_masks_show_each_method_with_density_and_recall(qkv):
     assert colorbar_axes(fig) and fig.get_suptitle()
 
 
+def test_block_masks_draw_narrower_key_blocks_in_token_proportions(qkv):
+    q, k, _ = qkv
+    plans = plotting.method_plans(q, k, ["pbs"], threshold=0.8, block_size=64, key_block_size=32, segment_size=64)
+    fig = plotting.block_masks(plans, 0)
+    render(fig)
+    (panel,) = image_axes(fig)
+    assert panel.images[0].get_array().shape == (8, 16) and panel.get_aspect() == 2.0
+    assert "64×32-token blocks" in fig.get_suptitle()
+
+
 def test_block_states_of_the_dense_plan_are_the_causal_mask(qkv):
     q, k, _ = qkv
     dense = plotting.method_plans(q, k, ["dense"], **SMALL)["dense"]
