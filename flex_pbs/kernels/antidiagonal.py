@@ -103,12 +103,9 @@ def _to_fp8_slots(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Ten
     return out, descale
 
 
-def _abs_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``max |x|`` as a float32 0-d tensor (into ``out`` if given): one reduction, no ``|x|``
-    temporary."""
-    if out is None:
-        out = torch.empty((), dtype=torch.float32, device=x.device)
-    return torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32, out=out)
+def _abs_max(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` as a float32 0-d tensor: one reduction, no ``|x|`` temporary."""
+    return torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float32)
 
 
 def _to_fp8(x: torch.Tensor, amax: torch.Tensor, multiple: int = 1) -> torch.Tensor:
@@ -135,6 +132,26 @@ def _padded_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     if pad:
         return F.pad(x, (0, 0, 0, pad))
     return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
+
+
+@triton.jit
+def _online_block_softmax(
+    logits, m_i, l_i, block_lse_ptrs, M: tl.constexpr, TILE_BLOCKS: tl.constexpr, K_ROWS: tl.constexpr
+):
+    """One key tile of a row-wise online softmax over log2-scaled ``logits [M, TILE_BLOCKS·K_ROWS]``:
+    stores ``log2 Σ exp2`` of each key block of the tile at ``block_lse_ptrs [M, TILE_BLOCKS]``
+    and returns the updated running max and sum ``(m_i, l_i)``, both ``[M]``."""
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    block_sums = tl.sum(tl.reshape(tl.exp2(logits - m_safe[:, None]), (M, TILE_BLOCKS, K_ROWS)), axis=2)
+    tl.store(block_lse_ptrs, m_safe[:, None] + tl.log2(block_sums))
+    return m_new, l_i * tl.exp2(m_i - m_safe) + tl.sum(block_sums, axis=1)
+
+
+@triton.jit
+def _log2_total(m_i, l_i):
+    """``log2`` of a row's softmax normaliser from its running max and sum (0 max for empty rows)."""
+    return tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
 
 
 @triton.jit
@@ -221,40 +238,26 @@ def _antidiagonal_kernel(
                     logits = tl.where(visible, logits, float("-inf"))
                     if PEAK:
                         peak_logits = tl.where(visible, peak_logits, float("-inf"))
+                tile_cells = m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :]
                 if PEAK:
-                    peak_new = tl.maximum(peak_m, tl.max(peak_logits, axis=1))
-                    peak_safe = tl.where(peak_new == float("-inf"), 0.0, peak_new)
-                    peak_sums = tl.sum(tl.reshape(tl.exp2(peak_logits - peak_safe[:, None]), (M, TILE_BLOCKS, K_ROWS)), axis=2)
-                    peak_l = peak_l * tl.exp2(peak_m - peak_safe) + tl.sum(peak_sums, axis=1)
-                    peak_m = peak_new
-                    tl.store(
-                        peak_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :],
-                        peak_safe[:, None] + tl.log2(peak_sums),
+                    peak_m, peak_l = _online_block_softmax(
+                        peak_logits, peak_m, peak_l, peak_base + tile_cells, M, TILE_BLOCKS, K_ROWS
                     )
                     peak = tl.full([M, N], float("-inf"), tl.float32)
-                m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(logits - m_safe[:, None])
-                block_sums = tl.sum(tl.reshape(p, (M, TILE_BLOCKS, K_ROWS)), axis=2)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(block_sums, axis=1)
-                m_i = m_new
-                tl.store(
-                    scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :],
-                    m_safe[:, None] + tl.log2(block_sums),
-                )
+                m_i, l_i = _online_block_softmax(logits, m_i, l_i, scratch_base + tile_cells, M, TILE_BLOCKS, K_ROWS)
                 acc = tl.zeros([M, N], tl.float32)
-        row_lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
+        row_lse = _log2_total(m_i, l_i)
         if PEAK:
-            peak_lse = tl.where(peak_m == float("-inf"), 0.0, peak_m) + tl.log2(peak_l)
+            peak_lse = _log2_total(peak_m, peak_l)
         tl.debug_barrier()
         out_q = first_block + out_blocks
         # 64-bit offsets: long batches hold more than 2**31 scores
         out_head = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         for j0 in range(0, kv_end, TILE_BLOCKS):
-            lse = tl.load(scratch_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
-            probs = tl.exp2(lse - row_lse[:, None])
+            tile_cells = m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :]
+            probs = tl.exp2(tl.load(scratch_base + tile_cells) - row_lse[:, None])
             if PEAK:
-                peak_block = tl.load(peak_base + m_idx[:, None] * SCRATCH_COLS + (j0 + c_idx)[None, :])
+                peak_block = tl.load(peak_base + tile_cells)
                 probs += peak_weight * (tl.exp2(peak_block - peak_lse[:, None]) - probs)
             probs = tl.where(row_valid[:, None], probs, 0.0)
             scores = tl.sum(tl.reshape(probs, (Q_BLOCKS, ROWS, TILE_BLOCKS)), axis=1)
