@@ -228,9 +228,10 @@ def tune(args) -> list[dict]:
     for length in args.lengths:
         q, k, v = load_workload(args, length)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        cfg = PBSConfig(block_size=args.block_size, segment_size=args.segment_size, stride=args.stride,
-                        max_density=args.max_density)
-        layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size)
+        cfg = PBSConfig(block_size=args.block_size, key_block_size=args.key_block_size, segment_size=args.segment_size,
+                        stride=args.stride, peak_weight=args.peak_weight, force_local_blocks=args.force_local_blocks,
+                        max_density=args.max_density, scoring_fp8=args.scoring_fp8)
+        layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size, cfg.key_block_size)
         key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
         sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
         reference = None

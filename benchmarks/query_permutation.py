@@ -35,7 +35,7 @@ blocks of its segment excluded, since they are computed anyway):
 * ``favourite``: queries sorted by the index of the non-forced key block they attend to most
   (ties: by far mass), so that queries wanting the same far block share a query block.
 
-Lines (``--lines``) are ``<base>/<order>``: base ``pbs`` (the default, segment 128), ``seg256``
+Lines (``--lines``) are ``<base>/<order>``: base ``pbs`` (``pbs_fast``, the default when this ran: square 128-token blocks, segment 128), ``seg256``
 and ``seg512`` (no key permutation, local window 4), ``seg256_local0`` (no local window),
 ``key256`` (key permutation, segment 256, local window 4); order ``engine`` (the engine itself,
 through the method registry), ``identity`` (this script's path, queries unpermuted) or a
@@ -95,10 +95,10 @@ TAIL_TOKENS = 1024
 CRITERIA = ("far_mass", "favourite")
 ORDERS = ("engine", "identity", *CRITERIA)
 BASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "pbs": ("pbs", {}),
-    "seg256": ("pbs", {"segment_size": 256}),
-    "seg256_local0": ("pbs", {"segment_size": 256, "force_local_blocks": 0}),
-    "seg512": ("pbs", {"segment_size": 512}),
+    "pbs": ("pbs_fast", {}),
+    "seg256": ("pbs_fast", {"segment_size": 256}),
+    "seg256_local0": ("pbs_fast", {"segment_size": 256, "force_local_blocks": 0}),
+    "seg512": ("pbs_fast", {"segment_size": 512}),
     "key256": ("pbs_antidiagonal", {"force_local_blocks": 4}),
 }
 # Queries whose estimate is computed at once (bounds memory to Hq * chunk * L / stride floats).

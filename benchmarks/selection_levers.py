@@ -60,6 +60,7 @@ import flex_pbs
 from flex_pbs import PBSConfig, build_plan
 from flex_pbs.attention import PBSPlan
 from flex_pbs.data import TEXTS, token_ids
+from flex_pbs.methods import method_config
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
 from flex_pbs.runner.session import (
     Session, attention, experimental_attention, smollm2_session, whole_prefill_scale,
@@ -253,7 +254,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     session = smollm2_session()
     compensate = "oracle_mass" if args.oracle_mass else "mean"
-    base = PBSConfig(scoring=args.scoring, stride=args.stride, peak_weight=args.peak_weight)
+    # The levers were measured on the default of their day, square 128-token blocks (pbs_fast).
+    base = method_config("pbs_fast", scoring=args.scoring, stride=args.stride, peak_weight=args.peak_weight)
 
     for text in args.texts:
         ids = token_ids(session.tokenizer, text, args.length)

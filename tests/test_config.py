@@ -6,7 +6,8 @@ from flex_pbs import PBSConfig
 def test_defaults_are_valid():
     cfg = PBSConfig()
     assert (cfg.block_size, cfg.segment_size, cfg.scoring, cfg.permute) == (128, 128, "antidiagonal", "none")
-    assert (cfg.threshold, cfg.stride, cfg.force_local_blocks, cfg.force_sink) == (0.9, 8, 4, True)
+    assert (cfg.threshold, cfg.stride, cfg.force_local_blocks, cfg.force_sink) == (0.9, 8, 8, True)
+    assert (cfg.key_block_size, cfg.kv_block, cfg.peak_weight) == (64, 64, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -24,10 +25,11 @@ def test_defaults_are_valid():
         ({"max_density": 0.0}, ValueError, "max_density"),
         ({"force_sink": 1}, TypeError, "force_sink"),
         ({"threshold_counts_forced": "no"}, TypeError, "threshold_counts_forced"),
-        ({"permute": "key"}, ValueError, "segment_size >= 2 \* block_size"),
+        ({"permute": "key", "key_block_size": None}, ValueError, "segment_size >= 2 \* key_block_size"),
         ({"dense_below": -1}, ValueError, "dense_below"),
         ({"key_block_size": 40}, ValueError, "key_block_size must be a multiple of 16"),
-        ({"key_block_size": 96}, ValueError, "multiple of key_block_size"),
+        ({"key_block_size": 96}, ValueError, "must divide block_size"),
+        ({"block_size": 32, "segment_size": 32}, ValueError, "key_block_size=None for square blocks"),
         ({"key_block_size": 32, "stride": 64}, ValueError, "must divide"),
         ({"key_block_size": 64.0}, TypeError, "key_block_size"),
         ({"peak_weight": 1.5}, ValueError, "peak_weight"),

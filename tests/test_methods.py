@@ -7,18 +7,23 @@ from flex_pbs.methods import METHODS, method_config
 def test_methods_are_configurations_of_one_engine():
     assert method_config("dense") is None
     assert method_config("pbs") == PBSConfig()
-    assert method_config("xattention") == PBSConfig(permute="none", force_local_blocks=0)
-    assert method_config("pbs_mean") == PBSConfig(scoring="mean", permute="key", segment_size=256, force_local_blocks=0)
-    assert method_config("meanpool", threshold=0.8) == PBSConfig(
-        scoring="mean", permute="none", force_local_blocks=0, threshold=0.8
-    )
+    default = PBSConfig()
+    assert (default.block_size, default.kv_block, default.peak_weight, default.force_local_blocks) == (128, 64, 0.5, 8)
+    # The baselines: square 128-token blocks scored as published (no peak estimate), no local window.
+    square = {"key_block_size": None, "peak_weight": 0.0, "force_local_blocks": 0}
+    assert method_config("xattention") == PBSConfig(permute="none", **square)
+    assert method_config("pbs_mean") == PBSConfig(scoring="mean", permute="key", segment_size=256, **square)
+    assert method_config("meanpool", threshold=0.8) == PBSConfig(scoring="mean", permute="none", threshold=0.8, **square)
     assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key", segment_size=256)
+    # pbs_fast: the default until 2026-11-27 (square blocks, XAttention's scoring, local 4).
+    assert method_config("pbs_fast") == method_config("xattention").replace(force_local_blocks=4)
     fine = method_config("pbs_fine")
-    assert (fine.block_size, fine.segment_size, fine.stride, fine.peak_weight) == (64, 64, 8, 0.5)
-    # Every other method scores as published: no peak estimate.
-    assert all(config.peak_weight == 0 for name, config in METHODS.items() if config and name != "pbs_fine")
-    assert fine.force_local_blocks * fine.block_size == PBSConfig().force_local_blocks * PBSConfig().block_size
-    assert set(METHODS) == {"dense", "pbs", "pbs_fine", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
+    assert (fine.block_size, fine.kv_block, fine.segment_size, fine.stride, fine.peak_weight) == (64, 64, 64, 8, 0.5)
+    assert {name for name, config in METHODS.items() if config and config.peak_weight} == {"pbs", "pbs_fine"}
+    # The same 512-token local window in the three presets that have one.
+    for name in ("pbs", "pbs_fast", "pbs_fine"):
+        assert method_config(name).force_local_blocks * method_config(name).kv_block == 512, name
+    assert set(METHODS) == {"dense", "pbs", "pbs_fast", "pbs_fine", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
 
 
 def test_unknown_method_and_bad_overrides():

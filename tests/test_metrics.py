@@ -10,7 +10,7 @@ def brute_force_recall(q, k, plan):
     """Token-level mask from the plan, exact softmax, mass inside it; loops for clarity."""
     batch, q_heads, length, dim = q.shape
     group = q_heads // k.shape[1]
-    bs = plan.layout.block_size
+    q_block, kv_block = plan.layout.block_size, plan.layout.kv_block
     out = torch.zeros(batch, q_heads)
     for b in range(batch):
         for h in range(q_heads):
@@ -21,7 +21,7 @@ def brute_force_recall(q, k, plan):
                 ),
                 dim=-1,
             )
-            computed = plan.block_mask[b, h][torch.arange(length)[:, None] // bs, slot_of[None, :] // bs]
+            computed = plan.block_mask[b, h][torch.arange(length)[:, None] // q_block, slot_of[None, :] // kv_block]
             out[b, h] = (probs * computed).sum(-1).mean()
     return out
 

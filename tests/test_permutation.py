@@ -16,7 +16,8 @@ def test_pbs_mean_block_mask_matches_the_paper_reference():
     for force_sink in (False, True):
         torch.manual_seed(1)
         q, k = torch.randn(2, 3, 1024, 32), torch.randn(2, 3, 1024, 32)
-        cfg = PBSConfig(scoring="mean", permute="key", segment_size=256, threshold=0.6, force_sink=force_sink, force_local_blocks=0)
+        cfg = PBSConfig(scoring="mean", permute="key", segment_size=256, threshold=0.6, force_sink=force_sink,
+                        key_block_size=None, force_local_blocks=0)  # the paper: square 128-token blocks
         plan = build_plan(q, k, cfg)
         for b in range(2):
             for h in range(3):

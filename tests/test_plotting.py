@@ -15,7 +15,7 @@ from flex_pbs.synthetic import planted_qkv
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore_masks.ipynb"
 METHODS = ["dense", "xattention", "meanpool", "pbs_mean", "pbs"]
-SMALL = {"block_size": 32, "segment_size": 64, "stride": 8}
+SMALL = {"block_size": 32, "key_block_size": None, "segment_size": 64, "stride": 8}
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_forced_local_blocks_are_always_computed():
     from flex_pbs import PBSConfig, build_plan
 
     q, k = torch.randn(1, 2, 2048, 32), torch.randn(1, 2, 2048, 32)
-    plan = build_plan(q, k, PBSConfig(threshold=0.3, segment_size=256, force_local_blocks=3, permute="none"))
+    plan = build_plan(q, k, PBSConfig(threshold=0.3, segment_size=256, key_block_size=None, force_local_blocks=3, permute="none"))
     blocks = plan.block_mask[0, 0]
     for row in range(4, 16):
         first_diagonal = row // 2 * 2
