@@ -79,22 +79,25 @@ def fp8_scoring(length: int, peak_weight: float = 0.0) -> dict:
             "ok": cast_equal and slot_cast_mismatch < 1e-4 and descale_ok and differ < 0.05}
 
 
-def shared_index_buffer(length: int) -> dict:
-    """Attention from the fused selection's index lists (overlapping views of one buffer)
-    equals attention from separate torch lists of the same selection."""
+def shared_index_buffer(length: int, **config: object) -> dict:
+    """Attention from the fused selection's index lists (overlapping views of one buffer,
+    narrower than the key blocks under a ``max_density`` budget) equals attention from
+    separate torch lists of the same selection."""
     from flex_pbs.attention import build_stage
     from flex_pbs.flex import flex_attend
     from flex_pbs.flex_mask import selection_indices
 
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=4)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
-    plan = build_plan(q, k, PBSConfig(threshold=0.9))
+    plan = build_plan(q, k, PBSConfig(threshold=0.9, **config))
     lists = selection_indices(plan.block_mask, plan.layout.diagonal_blocks(q.device))
     reference = flex_attend(q, k, v, build_stage(lists, plan.key_order, plan.layout, permuted=False), 128**-0.5)
     out = flex_attend(q, k, v, plan.flex_mask, 128**-0.5)
     diff = float((out.float() - reference.float()).abs().max())
-    return {"check": f"shared index buffer L={length}", "max_abs_diff": diff,
-            "shared": not plan.flex_mask.kv_indices.is_contiguous(), "ok": diff == 0.0}
+    width = plan.flex_mask.full_kv_indices.shape[-1]
+    return {"check": f"shared index buffer L={length} {config}", "max_abs_diff": diff, "list_width": width,
+            "key_blocks": plan.layout.num_kv_blocks, "shared": not plan.flex_mask.kv_indices.is_contiguous(),
+            "ok": diff == 0.0}
 
 
 def fused_vs_torch_plan(length: int, **config: object) -> dict:
@@ -192,10 +195,11 @@ def main() -> None:
         lambda: exact_vs_sdpa(128, 8192, "auto", block_size=64),  # tiles must divide the blocks
         lambda: exact_vs_sdpa(64, 4096, "auto", block_size=32),
         lambda: exact_vs_sdpa(128, 8192, "auto", key_block_size=64),  # 128 x 64 blocks
-        lambda: fused_vs_torch_plan(16384, key_block_size=64, force_local_blocks=8, peak_weight=0.5),
         lambda: chunked_exact(9000, 3001),
         lambda: fused_vs_torch_plan(16384),
+        lambda: fused_vs_torch_plan(16384, key_block_size=None, force_local_blocks=4, peak_weight=0.0),  # pbs_fast
         lambda: shared_index_buffer(20000),
+        lambda: shared_index_buffer(20000, max_density=0.1),
         lambda: fp8_scoring(16384),
         lambda: fused_scores_vs_torch(torch.float32),
         lambda: fused_scores_vs_torch(torch.bfloat16),

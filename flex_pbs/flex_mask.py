@@ -39,7 +39,7 @@ def block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # FlexAttention's index lists: (partial counts, partial indices, full counts, full indices),
-# int32 ``[B, H, nQ]`` and ``[B, H, nQ, nK]``.
+# int32 ``[B, H, nQ]`` and ``[B, H, nQ, N]`` (``N`` = nK, or less when a budget bounds a row).
 MaskIndices = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -69,10 +69,13 @@ def build_flex_mask(
             (padding rows compute nothing; padding keys are never visible).
     """
     kv_num, kv_idx, full_num, full_idx = indices
-    q_heads, n_q, n_k = kv_idx.shape[1:]
+    q_heads = kv_idx.shape[1]
     q_block, kv_block = layout.block_size, layout.kv_block
     q_len, kv_len = kernel_lengths or (layout.q_len, layout.kv_len)
-    pad_q, pad_k = -(-q_len // q_block) - n_q, -(-kv_len // kv_block) - n_k
+    pad_q = -(-q_len // q_block) - layout.num_q_blocks
+    # Lists narrower than the key blocks (a budget bounds every row) serve CUDA's kernel as
+    # they are; inductor's CPU kernel reads no key past width * kv_block, so widen them there.
+    pad_k = -(-kv_len // kv_block) - kv_idx.shape[-1] if kv_idx.device.type == "cpu" else 0
     if pad_q or pad_k:
         kv_num, full_num = (F.pad(n, (0, pad_q)) for n in (kv_num, full_num))
         kv_idx, full_idx = (F.pad(i, (0, pad_k, 0, pad_q)) for i in (kv_idx, full_idx))

@@ -135,8 +135,10 @@ CHECK = textwrap.dedent(
         counts_ok = torch.equal(fused_indices[0], indices[0]) and torch.equal(fused_indices[2], indices[2])
         assert counts_ok, cfg
         for which in (1, 3):  # the first `count` indices of every row agree
-            keep = torch.arange(layout.num_kv_blocks) < indices[which - 1][..., None]
-            assert torch.equal(fused_indices[which][keep], indices[which][keep]), cfg
+            width = fused_indices[which].shape[-1]  # narrower than nK under a budget
+            assert int(indices[which - 1].max()) <= width, cfg
+            keep = torch.arange(width) < indices[which - 1][..., None]
+            assert torch.equal(fused_indices[which][keep], indices[which][..., :width][keep]), cfg
     # The whole plan with every stage fused equals the plain-torch plan.
     q, k = torch.randn(1, 4, 1024, 32), torch.randn(1, 2, 1024, 32)
     fused = build_plan(q, k, PBSConfig(threshold=0.8, permute="key", segment_size=256, backend="triton"))
@@ -150,9 +152,17 @@ CHECK = textwrap.dedent(
     from flex_pbs.flex import flex_attend
     v = torch.randn(1, 2, 1024, 32)
     for cfg in (PBSConfig(threshold=0.8, backend="triton"), PBSConfig(threshold=0.7, segment_size=256, backend="triton"),
-                PBSConfig(threshold=0.8, key_block_size=64, backend="triton")):
+                PBSConfig(threshold=0.8, key_block_size=None, force_local_blocks=4, backend="triton"),
+                PBSConfig(threshold=0.95, max_density=0.2, backend="triton"),
+                PBSConfig(threshold=0.95, max_density=0.05, force_local_blocks=0, backend="triton")):
         plan = build_plan(q, k, cfg)
-        assert not plan.flex_mask.kv_indices.is_contiguous()  # the shared buffer, not copies
+        _, (kv_num, kv_idx, full_num, full_idx) = select_and_index_fused(plan.block_scores, plan.key_order, plan.layout, cfg)
+        assert not kv_idx.is_contiguous() and kv_idx.storage().data_ptr() == full_idx.storage().data_ptr()  # one buffer
+        # Under a budget the lists are as wide as the most blocks a row can keep, not nK (the
+        # CPU kernel gets them widened: it reads no key past the lists' width).
+        n_k = plan.layout.num_kv_blocks
+        assert full_idx.shape[-1] == n_k if cfg.max_density is None else full_idx.shape[-1] < n_k, cfg
+        assert int(full_num.max()) <= full_idx.shape[-1] and int(kv_num.max()) <= kv_idx.shape[-1], cfg
         torch_lists = selection_indices(plan.block_mask, plan.layout.diagonal_blocks(q.device))
         reference_mask = build_stage(torch_lists, plan.key_order, plan.layout, permuted=False)
         out = flex_attend(q, k, v, plan.flex_mask, 32**-0.5)

@@ -11,6 +11,8 @@ lists (partial: diagonal segment; full: the rest) with a prefix sum.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,7 @@ from ..layout import BlockLayout, block_min_position
 @triton.jit
 def _select_row_kernel(
     scores_ptr, block_first_ptr,
-    selected_ptr, kv_num_ptr, full_num_ptr, idx_ptr, idx_row_stride, partial_width,
+    selected_ptr, kv_num_ptr, full_num_ptr, idx_ptr, idx_row_stride, partial_width, full_width,
     n_q_blocks, n_kv_blocks, q_heads, group, q_len, q_offset,
     threshold, max_density, force_local,
     BLOCK: tl.constexpr, SEGMENT: tl.constexpr, SEGMENT_BLOCKS: tl.constexpr, COLS: tl.constexpr,
@@ -94,9 +96,20 @@ def _select_row_kernel(
     full_at = tl.cumsum(full.to(tl.int32), axis=0) - 1
     # One row holds both lists: partial indices first, full indices from `partial_width` on.
     tl.store(idx_ptr + row * idx_row_stride + partial_at, cols, mask=partial)
-    tl.store(idx_ptr + row * idx_row_stride + partial_width + full_at, cols, mask=full)
+    tl.store(idx_ptr + row * idx_row_stride + partial_width + full_at, cols, mask=full & (full_at < full_width))
     tl.store(kv_num_ptr + row, tl.sum(partial.to(tl.int32), axis=0))
     tl.store(full_num_ptr + row, tl.sum(full.to(tl.int32), axis=0))
+
+
+def index_list_width(n_kv_blocks: int, partial_width: int, config: PBSConfig) -> int:
+    """Entries per index list row: ``n_kv_blocks``, or under a ``max_density`` budget the most
+    full blocks a row can keep (the budget's ``ceil(max_density * n_kv_blocks)``, or the forced
+    sink and local window when they exceed it, plus one for rounding), and at least
+    ``partial_width`` (the partial list shares the width), never more than ``n_kv_blocks``."""
+    if config.max_density is None:
+        return n_kv_blocks
+    kept = math.ceil(config.max_density * n_kv_blocks) + config.force_local_blocks + 2
+    return min(n_kv_blocks, max(partial_width, kept))
 
 
 def select_and_index_fused(
@@ -117,9 +130,11 @@ def select_and_index_fused(
 
     Returns:
         ``(selected bool [B, Hq, nQ, nK], (kv_num, kv_indices, full_num, full_indices))``
-        with int32 ``[B, Hq, nQ]`` counts and ``[B, Hq, nQ, nK]`` indices. The two index lists
-        are overlapping views of one ``[B, Hq, nQ, W + nK]`` buffer (``W`` = the most partial
+        with int32 ``[B, Hq, nQ]`` counts and ``[B, Hq, nQ, N]`` indices. The two index lists
+        are overlapping views of one ``[B, Hq, nQ, W + N]`` buffer (``W`` = the most partial
         blocks a row can have): half the memory of two lists, which dominate the peak at 128K.
+        ``N`` is ``nK``, or with a ``max_density`` budget the most blocks a row can keep
+        (:func:`index_list_width`), so the lists shrink with the budget.
     """
     batch, q_heads, n_q, n_k = scores.shape
     group = q_heads // key_order.shape[1]
@@ -128,12 +143,13 @@ def select_and_index_fused(
     selected = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     segment_blocks = layout.segment_size // layout.kv_block
     partial_width = 2 * segment_blocks  # a query block overlaps at most two segments
-    lists = torch.zeros(batch, q_heads, n_q, partial_width + n_k, dtype=torch.int32, device=scores.device)
+    width = index_list_width(n_k, partial_width, config)
+    lists = torch.zeros(batch, q_heads, n_q, partial_width + width, dtype=torch.int32, device=scores.device)
     kv_num = torch.empty(batch, q_heads, n_q, dtype=torch.int32, device=scores.device)
     full_num = torch.empty_like(kv_num)
     _select_row_kernel[(batch * q_heads * n_q,)](
         scores, block_first,
-        selected, kv_num, full_num, lists, lists.stride(2), partial_width,
+        selected, kv_num, full_num, lists, lists.stride(2), partial_width, width,
         n_q, n_k, q_heads, group, layout.q_len, layout.q_offset,
         float(config.threshold), float(config.max_density or 1.0), config.force_local_blocks,
         BLOCK=layout.block_size, SEGMENT=layout.segment_size, SEGMENT_BLOCKS=segment_blocks,
@@ -142,5 +158,5 @@ def select_and_index_fused(
         COUNT_FORCED=config.threshold_counts_forced, FORCE_SINK=config.force_sink,
         num_warps=num_warps or (1 if config.max_density is not None else 4),
     )
-    kv_idx, full_idx = lists[..., :n_k], lists[..., partial_width:]
+    kv_idx, full_idx = lists[..., :width], lists[..., partial_width:]
     return selected.view(torch.bool), (kv_num, kv_idx, full_num, full_idx)
