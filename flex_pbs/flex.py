@@ -61,19 +61,21 @@ def cuda_kernel_options(
 ) -> dict[str, Any] | None:
     """FlexAttention kernel options on a CUDA device of compute ``capability``.
 
-    Tiles: tuned ones where they were measured (Hopper, head_dim 128, 128-blocks); tiles that
-    divide the mask's blocks where FlexAttention's own (up to 128 rows) would not
-    (``block_size`` 64, say); otherwise FlexAttention's defaults. ``IS_DIVISIBLE`` whenever both
-    lengths are multiples of 128: every tile is whole, so the per-tile bounds masks that a
-    dynamic-shape compile otherwise keeps are dropped (FlexAttention sets this itself only for
-    static shapes; an H100 attends 5-7% faster with it, NOTES.md run 7). It costs one more
-    compile, not one per length. None: FlexAttention's defaults throughout.
+    Tiles: tuned ones where they were measured (Hopper, head_dim 128, blocks of 128 queries ×
+    128 or 64 keys: 8 warps, 3 stages, TMA; for 128×64 at 128K 1.18× the ideal time against
+    1.26× with FlexAttention's own, NOTES.md run 10); tiles that divide the mask's blocks where
+    FlexAttention's own (up to 128 rows) would not (``block_size`` 64, say); otherwise
+    FlexAttention's defaults. ``IS_DIVISIBLE`` whenever both lengths are multiples of 128:
+    every tile is whole, so the per-tile bounds masks that a dynamic-shape compile otherwise
+    keeps are dropped (FlexAttention sets this itself only for static shapes; an H100 attends
+    5-7% faster with it, NOTES.md run 7). It costs one more compile, not one per length.
+    None: FlexAttention's defaults throughout.
     """
     tiles = tuple(largest_tile_dividing(size) for size in block_size)
-    if tiles != (128, 128):
+    if block_size in ((128, 128), (128, 64)) and head_dim == 128 and capability == (9, 0):
+        options = {**HOPPER_D128_OPTIONS, "BLOCK_N": block_size[1]}
+    elif tiles != (128, 128):
         options = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
-    elif block_size == (128, 128) and head_dim == 128 and capability == (9, 0):
-        options = dict(HOPPER_D128_OPTIONS)
     else:
         options = {}
     if all(length % 128 == 0 for length in seq_lengths):

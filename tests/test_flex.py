@@ -84,6 +84,9 @@ def test_tuned_kernel_options_only_where_measured():
     assert flex.cuda_kernel_options(64, (128, 128), (5000, 5000), hopper) is None
     assert flex.cuda_kernel_options(128, (128, 128), (5000, 5000), ampere) is None
     assert flex.cuda_kernel_options(128, (64, 64), (5000, 5000), hopper) == {"BLOCK_M": 64, "BLOCK_N": 64}
+    # The default's 128 x 64 blocks: the same tuned options with 64-key tiles; elsewhere only the tiles.
+    assert flex.cuda_kernel_options(128, (128, 64), (5000, 5000), hopper) == {**flex.HOPPER_D128_OPTIONS, "BLOCK_N": 64}
+    assert flex.cuda_kernel_options(128, (128, 64), (5000, 5000), ampere) == {"BLOCK_M": 128, "BLOCK_N": 64}
     assert flex.cuda_kernel_options(128, (256, 256), (5000, 5000), hopper) is None  # not measured
 
 
