@@ -321,3 +321,15 @@ def test_whole_prefill_scale_checks_what_experiments_handle():
         session.whole_prefill_scale(PBSMask(None, 256, 128, 384, True), query, 128, None)
     with pytest.raises(ValueError, match="multiple of the block size"):
         session.whole_prefill_scale(prefill, query, 96, None)
+
+
+@pytest.mark.parametrize("sweep", ["pareto", "table", "presets"])
+def test_sweep_configs_sweep_named_methods(sweep):
+    """Every shipped sweep composes and sweeps methods that exist, with valid thresholds."""
+    from flex_pbs.methods import METHODS
+
+    with initialize_config_module(config_module="flex_pbs.configs", version_base=None):
+        cfg = compose("config", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.method.split(",")) <= set(METHODS)
+    assert all(0 < float(t) <= 1 for t in str(params["method.threshold"]).split(","))
