@@ -68,7 +68,8 @@ def check_exact(model, length: int = 4096) -> float:
 def pbs_config(threshold: float, cap: float, variant: str) -> PBSConfig:
     """The engine config of one sparse row; ``variant`` is
     ``stride:precision[:peak_weight[:key_block_size]]`` (the default config's values when left
-    out; 64-token key blocks come with a 512-token local window, 8 blocks)."""
+    out; a key block size ``k`` comes with a 512-token local window of ``512 // k`` blocks, as
+    in the presets: ``8:fp8:0:128`` is ``pbs_fast``)."""
     stride, precision, *rest = variant.split(":")
     extra = {"peak_weight": float(rest[0])} if rest else {}
     if len(rest) > 1:

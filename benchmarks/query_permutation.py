@@ -35,9 +35,10 @@ blocks of its segment excluded, since they are computed anyway):
 * ``favourite``: queries sorted by the index of the non-forced key block they attend to most
   (ties: by far mass), so that queries wanting the same far block share a query block.
 
-Lines (``--lines``) are ``<base>/<order>``: base ``pbs`` (``pbs_fast``, the default when this ran: square 128-token blocks, segment 128), ``seg256``
-and ``seg512`` (no key permutation, local window 4), ``seg256_local0`` (no local window),
-``key256`` (key permutation, segment 256, local window 4); order ``engine`` (the engine itself,
+Lines (``--lines``) are ``<base>/<order>``: base ``pbs`` (``pbs_fast``, the default when this
+ran: square 128-token blocks, segment 128), ``seg256`` and ``seg512`` (no key permutation,
+local window 4), ``seg256_local0`` (no local window), ``key256`` (key permutation, segment
+256, local window 4); order ``engine`` (the engine itself,
 through the method registry), ``identity`` (this script's path, queries unpermuted) or a
 criterion. ``--sanity TEXT...`` first checks, on those texts, that the scorer matches the
 engine's, that threshold 1.0 (key and query permutation) reproduces dense perplexity and that

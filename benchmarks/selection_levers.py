@@ -27,7 +27,9 @@ computed exactly in float32 with a token mask (chunks of 1024 queries), GQA by r
 
 ``--scoring``, ``--stride`` and ``--peak-weight`` set the engine's scorer for every line (the CSV
 line then reads ``key64 stride=4``, ``key64 peak_weight=0.5``, ``key64 scoring=oracle``: exact
-block mass, the bound any estimate of it can reach). ``--score-power p`` selects on scores raised to ``p`` (line ``engine power=0.5``).
+block mass, the bound any estimate of it can reach). ``--score-power p`` selects on scores
+raised to ``p`` (line ``engine power=0.5``). Every line starts from ``pbs_fast`` (square
+128-token blocks), the default when these levers were measured.
 
 Writes ``<text>_<length>.csv`` (readable by ``quality_at_density.py``) and ``summary.md`` under
 ``benchmarks/quality/segment128/levers/selection_levers/``; rows already in a CSV are reused.
