@@ -23,13 +23,13 @@ from .layout import cdiv
 # Distinct CPU length buckets one process may compile (8 per doubling covers 16 doublings).
 CPU_MAX_BUCKETS = 128
 
-# Measured on an H100 (benchmarks/NOTES.md, 128K, head_dim 128, density 0.10): 1.27x the ideal
-# density x SDPA time, vs 1.38x with FlexAttention's default tiles. Other shapes keep the defaults.
-# ROWS_GUARANTEED_SAFE skips the fully-masked-row guard: every PBS query row computes its own
-# diagonal block and sees at least its own key (NOTES.md run 6: -0.9% attend time at density 0.05).
-HOPPER_D128_OPTIONS = {
-    "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": True, "ROWS_GUARANTEED_SAFE": True,
-}
+# Measured on an H100 (docs: 128K, head_dim 128, density 0.10): 1.27x the ideal density x SDPA
+# time, vs 1.38x with FlexAttention's default tiles. 16-bit inputs only: in fp32 these tiles
+# need 330 KB of shared memory (an H100 has 227 KB). Other shapes keep the defaults.
+HOPPER_D128_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": True}
+
+# FlexAttention's stage count when the options do not name one (torch's default configs).
+_DEFAULT_STAGES = 3
 
 
 @lru_cache(maxsize=None)
@@ -56,40 +56,101 @@ def largest_tile_dividing(block_size: int, limit: int = 128) -> int:
     return min(limit, block_size & -block_size)
 
 
+def _shared_memory_bytes(options: dict[str, Any], head_dim: int, itemsize: int) -> int:
+    """Shared memory FlexAttention's forward kernel needs for explicit tiles: a Q tile and, per
+    stage, a K and a V tile (``num_stages + 1`` tiles in all with TMA), at the padded head dim.
+    Triton's reports on an H100: 329 760 bytes for 128 x 128 tiles, TMA, 3 stages, fp32, d=128
+    (this gives 327 680); 262 144 for 128 x 64, 3 stages, bf16, d=256 (this gives 262 144)."""
+    padded_dim = 1 << max(4, (head_dim - 1).bit_length())
+    stages = options.get("num_stages", _DEFAULT_STAGES)
+    kv_tiles = stages + 1 if options.get("USE_TMA") else 2 * stages
+    return (options["BLOCK_M"] + kv_tiles * options["BLOCK_N"]) * padded_dim * itemsize
+
+
+def _fit_shared_memory(options: dict[str, Any], head_dim: int, itemsize: int, shared_memory: int) -> dict[str, Any]:
+    """Shrink explicit tiles until they fit: fewer stages first, then narrower key tiles, then
+    fewer query rows (smaller tiles still divide the mask's power-of-two blocks)."""
+    options = dict(options)
+    budget = shared_memory - 4096  # Triton's own scratch (2 080 bytes in the case above)
+    while _shared_memory_bytes(options, head_dim, itemsize) > budget:
+        if options.get("num_stages", _DEFAULT_STAGES) > 2:
+            options["num_stages"] = 2
+        elif options["BLOCK_N"] > 16:
+            options["BLOCK_N"] //= 2
+        elif options["BLOCK_M"] > 16:
+            options["BLOCK_M"] //= 2
+        else:
+            raise ValueError(
+                f"head_dim {head_dim} in {itemsize * 8}-bit floats needs more shared memory than this GPU "
+                f"has ({shared_memory} bytes) even with 16 x 16 tiles: use bfloat16 or float16 inputs"
+            )
+    return options
+
+
 def cuda_kernel_options(
-    head_dim: int, block_size: tuple[int, int], seq_lengths: tuple[int, int], capability: tuple[int, int]
+    head_dim: int,
+    block_size: tuple[int, int],
+    seq_lengths: tuple[int, int],
+    capability: tuple[int, int],
+    *,
+    itemsize: int = 2,
+    keys_in_order: bool = False,
+    shared_memory: int = 232448,
 ) -> dict[str, Any] | None:
     """FlexAttention kernel options on a CUDA device of compute ``capability``.
 
-    Tiles: tuned ones where they were measured (Hopper, head_dim 128, blocks of 128 queries ×
-    128 or 64 keys: 8 warps, 3 stages, TMA; for 128×64 at 128K 1.18× the ideal time against
-    1.26× with FlexAttention's own, NOTES.md run 10); tiles that divide the mask's blocks where
+    Tiles: tuned ones where they were measured (Hopper, head_dim 128, 16-bit inputs, blocks of
+    128 queries x 128 or 64 keys: 8 warps, 3 stages, TMA; for 128x64 at 128K 1.18x the ideal
+    time against 1.26x with FlexAttention's own); tiles that divide the mask's blocks where
     FlexAttention's own (up to 128 rows) would not (``block_size`` 64, say); otherwise
-    FlexAttention's defaults. ``IS_DIVISIBLE`` whenever both lengths are multiples of 128:
-    every tile is whole, so the per-tile bounds masks that a dynamic-shape compile otherwise
-    keeps are dropped (FlexAttention sets this itself only for static shapes; an H100 attends
-    5-7% faster with it, NOTES.md run 7). It costs one more compile, not one per length.
-    None: FlexAttention's defaults throughout.
+    FlexAttention's defaults. Explicit tiles are shrunk to fit ``shared_memory`` (fp32 doubles
+    what a tile needs). ``IS_DIVISIBLE`` whenever both lengths are multiples of 128: every tile
+    is whole, so the per-tile bounds masks that a dynamic-shape compile otherwise keeps are
+    dropped (FlexAttention sets this itself only for static shapes; an H100 attends 5-7%
+    faster with it). It costs one more compile, not one per length.
+
+    ``ROWS_GUARANTEED_SAFE`` (skip the guard for rows that have seen no key yet: -0.9% attend
+    time) only with ``keys_in_order``. The kernel visits a row's partial blocks before its full
+    ones, and without the guard a row whose *first* tile holds no key it may see gets
+    ``exp2(-inf - -inf)`` = NaN. In original key order the first partial tile starts at the
+    diagonal segment, at or before every query of the block, so each row sees a key there; a
+    permuted diagonal segment may put a segment's first queries' keys in its second block.
+
+    Args:
+        head_dim: ``D``; block_size: the mask's ``(query, key)`` block; seq_lengths: the
+            kernel's ``(q_len, kv_len)``; itemsize: bytes per input element;
+            shared_memory: the device's opt-in shared memory per block (H100: 232 448).
+
+    Returns:
+        The options, or None for FlexAttention's defaults throughout.
     """
     tiles = tuple(largest_tile_dividing(size) for size in block_size)
-    if block_size in ((128, 128), (128, 64)) and head_dim == 128 and capability == (9, 0):
+    hopper_tuned = block_size in ((128, 128), (128, 64)) and head_dim == 128 and capability == (9, 0)
+    if hopper_tuned and itemsize == 2:
         options = {**HOPPER_D128_OPTIONS, "BLOCK_N": block_size[1]}
+        if keys_in_order:
+            options["ROWS_GUARANTEED_SAFE"] = True
     elif tiles != (128, 128):
         options = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
     else:
         options = {}
+    if "BLOCK_M" in options:
+        options = _fit_shared_memory(options, head_dim, itemsize, shared_memory)
     if all(length % 128 == 0 for length in seq_lengths):
         options["IS_DIVISIBLE"] = True
     return options or None
 
 
-def default_kernel_options(q: torch.Tensor, block_mask: BlockMask) -> dict[str, Any] | None:
-    """:func:`cuda_kernel_options` for ``q``'s device and the mask; None off CUDA."""
+def default_kernel_options(q: torch.Tensor, block_mask: BlockMask, keys_in_order: bool = False) -> dict[str, Any] | None:
+    """:func:`cuda_kernel_options` for ``q``'s device, dtype and the mask; None off CUDA."""
     if not q.is_cuda:
         return None
+    from .kernels import shared_memory
+
     return cuda_kernel_options(
         q.shape[-1], tuple(block_mask.BLOCK_SIZE), tuple(block_mask.seq_lengths),
-        torch.cuda.get_device_capability(q.device),
+        torch.cuda.get_device_capability(q.device), itemsize=q.element_size(), keys_in_order=keys_in_order,
+        shared_memory=shared_memory(q.device),
     )
 
 
@@ -104,15 +165,17 @@ def flex_attend(
     block_mask: BlockMask,
     scale: float,
     kernel_options: dict[str, Any] | None = None,
+    keys_in_order: bool = False,
 ) -> torch.Tensor:
     """Run the compiled FlexAttention, padding to the mask's kernel lengths if needed.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` (GQA handled natively).
         block_mask: built for ``(q_len, kv_len)`` at least as long as the inputs.
-        kernel_options: FlexAttention kernel options; default :func:`default_kernel_options`,
-            which on Hopper assume that every query row sees at least one key (true of every
-            causal mask, PBS's included).
+        kernel_options: FlexAttention kernel options; default :func:`default_kernel_options`.
+        keys_in_order: the keys are in their original order (not permuted) and the mask is
+            causal by original position: every row's first computed tile then holds a key it
+            sees, which lets the tuned Hopper kernel skip its fully-masked-row guard.
 
     Returns:
         ``[B, Hq, Lq, D]``.
@@ -131,7 +194,7 @@ def flex_attend(
     kernel_q, kernel_kv = block_mask.seq_lengths
     q_in, k_in, v_in = _pad_tokens(q, kernel_q), _pad_tokens(k, kernel_kv), _pad_tokens(v, kernel_kv)
     if kernel_options is None:
-        kernel_options = default_kernel_options(q, block_mask)
+        kernel_options = default_kernel_options(q, block_mask, keys_in_order)
     attend = compiled_flex_attention(q.device.type)
     with torch._dynamo.config.patch(
         recompile_limit=CPU_MAX_BUCKETS, fail_on_recompile_limit_hit=True

@@ -79,8 +79,8 @@ def test_tuned_kernel_options_only_where_measured():
     plan = build_plan(q, k, PBSConfig(threshold=0.8))
     assert flex.default_kernel_options(q, plan.flex_mask) is None  # CPU: FlexAttention's defaults
     hopper, ampere = (9, 0), (8, 0)
-    tuned = flex.cuda_kernel_options(128, (128, 128), (5000, 5000), hopper)
-    assert tuned == flex.HOPPER_D128_OPTIONS
+    tuned = flex.cuda_kernel_options(128, (128, 128), (5000, 5000), hopper, keys_in_order=True)
+    assert tuned == {**flex.HOPPER_D128_OPTIONS, "ROWS_GUARANTEED_SAFE": True}
     assert flex.cuda_kernel_options(64, (128, 128), (5000, 5000), hopper) is None
     assert flex.cuda_kernel_options(128, (128, 128), (5000, 5000), ampere) is None
     assert flex.cuda_kernel_options(128, (64, 64), (5000, 5000), hopper) == {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -88,6 +88,76 @@ def test_tuned_kernel_options_only_where_measured():
     assert flex.cuda_kernel_options(128, (128, 64), (5000, 5000), hopper) == {**flex.HOPPER_D128_OPTIONS, "BLOCK_N": 64}
     assert flex.cuda_kernel_options(128, (128, 64), (5000, 5000), ampere) == {"BLOCK_M": 128, "BLOCK_N": 64}
     assert flex.cuda_kernel_options(128, (256, 256), (5000, 5000), hopper) is None  # not measured
+    # fp32: the tuned tiles need 330 KB of shared memory (Triton's report on an H100: 329 760 bytes).
+    assert flex.cuda_kernel_options(128, (128, 128), (5000, 5000), hopper, itemsize=4) is None
+    assert flex._shared_memory_bytes(flex.HOPPER_D128_OPTIONS, 128, 4) > 232448
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("block", [(128, 128), (128, 64), (64, 64), (32, 32)])
+@pytest.mark.parametrize("shared_memory", [232448, 101376])  # H100, RTX 40xx / A10-class
+def test_explicit_tiles_fit_shared_memory_and_divide_the_blocks(itemsize, head_dim, block, shared_memory):
+    options = flex.cuda_kernel_options(head_dim, block, (4096, 4096), (9, 0), itemsize=itemsize,
+                                       keys_in_order=True, shared_memory=shared_memory) or {}
+    if "BLOCK_M" in options:
+        assert flex._shared_memory_bytes(options, head_dim, itemsize) <= shared_memory - 4096
+        assert block[0] % options["BLOCK_M"] == 0 and block[1] % options["BLOCK_N"] == 0
+
+
+def test_shared_memory_that_fits_no_tile_is_a_clear_error():
+    with pytest.raises(ValueError, match="use bfloat16 or float16"):
+        flex.cuda_kernel_options(1024, (64, 64), (4096, 4096), (9, 0), itemsize=4, shared_memory=65536)
+
+
+def _first_tile_sees_a_key(plan) -> torch.Tensor:
+    """bool ``[B, Hq, Lq]``: whether the first key tile FlexAttention visits for a row (the first
+    partial block of its query block, at tiles as wide as the key blocks, as the tuned Hopper
+    options use) holds a key that the row may see."""
+    layout, mask = plan.layout, plan.flex_mask
+    first_block = mask.kv_indices[:, :, : layout.num_q_blocks, 0].long()  # [B, Hq, nQ]
+    group = mask.kv_indices.shape[1] // plan.key_order.shape[1]
+    order = plan.key_order.repeat_interleave(group, dim=1)
+    slots = first_block[..., None] * layout.kv_block + torch.arange(layout.kv_block)
+    first_key = order.gather(-1, slots.flatten(2).clamp(max=layout.kv_len - 1)).view(slots.shape).amin(-1)
+    rows = torch.arange(layout.q_len) + layout.q_offset
+    return first_key.repeat_interleave(layout.block_size, dim=2)[:, :, : layout.q_len] <= rows
+
+
+def test_fully_masked_row_guard_is_skipped_only_where_every_first_tile_sees_a_key(monkeypatch):
+    """The cause of NaN rows in permuted methods on the H100: the tuned kernel skipped
+    FlexAttention's guard for rows that have seen no key yet (``ROWS_GUARANTEED_SAFE``), which
+    is safe only when every row's first visited tile holds a key it may see. That holds in
+    original key order; a permuted diagonal segment breaks it at segment-start rows. Every
+    named method must ask for the guard exactly when it needs it."""
+    from flex_pbs.methods import METHODS
+    from flex_pbs.synthetic import planted_qkv
+
+    import flex_pbs.attention as attention
+
+    passed = {}
+    real_flex_attend = attention.flex_attend
+
+    def recording_flex_attend(*args, keys_in_order=False, **kwargs):
+        passed["keys_in_order"] = keys_in_order
+        return real_flex_attend(*args, keys_in_order=keys_in_order, **kwargs)
+
+    monkeypatch.setattr(attention, "flex_attend", recording_flex_attend)
+    q, k, v = planted_qkv(1, 4, 2, 2048, 64, seed=0)
+    for name, cfg in METHODS.items():
+        if cfg is None:
+            continue
+        _, plan = pbs_attention(q, k, v, cfg, return_plan=True)
+        sees = _first_tile_sees_a_key(plan)
+        options = flex.cuda_kernel_options(128, (cfg.block_size, cfg.kv_block), (2048, 2048), (9, 0),
+                                           keys_in_order=passed["keys_in_order"]) or {}
+        if cfg.permute == "none":
+            assert passed["keys_in_order"] and sees.all(), name
+        else:
+            assert not passed["keys_in_order"] and not options.get("ROWS_GUARANTEED_SAFE"), name
+            unsafe_rows = (~sees[0, 0]).nonzero().flatten()
+            # The rows the H100 returned as NaN: the first rows of segments.
+            assert len(unsafe_rows) > 0 and set((unsafe_rows % cfg.segment_size).tolist()) <= set(range(cfg.block_size)), name
 
 
 @pytest.mark.parametrize("q_len, kv_len, whole", [(131072, 131072, True), (4096, 12288, True), (4096, 12300, False),

@@ -3,7 +3,26 @@
 from functools import lru_cache
 from importlib.util import find_spec
 
+import torch
+
+# An H100's opt-in shared memory per block: what the tiles were tuned for, and the budget used
+# where no CUDA device answers (the Triton interpreter in tests).
+HOPPER_SHARED_MEMORY = 232448
+
 
 @lru_cache(maxsize=None)
 def triton_available() -> bool:
     return find_spec("triton") is not None
+
+
+@lru_cache(maxsize=None)
+def _cuda_shared_memory(index: int) -> int:
+    properties = torch.cuda.get_device_properties(index)
+    return getattr(properties, "shared_memory_per_block_optin", HOPPER_SHARED_MEMORY)
+
+
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one kernel program may use on ``device``."""
+    if device.type != "cuda":
+        return HOPPER_SHARED_MEMORY
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())

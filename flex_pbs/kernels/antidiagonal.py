@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..layout import BlockLayout, block_min_position
+from . import shared_memory
 
 _LOG2E = 1.4426950408889634
 # Scaled fp8 values stay within ±240, below e4m3's 448 so that rounding cannot overflow.
@@ -269,19 +270,38 @@ def _antidiagonal_kernel(
             )
 
 
-def supports(q: torch.Tensor, block_size: int, stride: int, key_block_size: int | None = None) -> bool:
-    """Whether the fused kernel handles this shape (power-of-two tiles of at most 256 rows)."""
+def supports(
+    q: torch.Tensor, block_size: int, stride: int, key_block_size: int | None = None, *, fp8: bool = False,
+    peak: bool = False,
+) -> bool:
+    """Whether the fused kernel handles this shape: power-of-two tiles of at most 256 rows, and
+    tiles that fit the device's shared memory (fp32 at head_dim 256 does not: torch scores it)."""
     dim = q.shape[-1]
     rows = (block_size // stride, (key_block_size or block_size) // stride)
-    return all(4 <= r <= 256 and r & (r - 1) == 0 for r in rows) and dim >= 16 and dim & (dim - 1) == 0
+    return (
+        all(4 <= r <= 256 and r & (r - 1) == 0 for r in rows) and dim >= 16 and dim & (dim - 1) == 0
+        and _launch_options(1 if fp8 else q.element_size(), peak, dim, rows[1], shared_memory(q.device)) is not None
+    )
 
 
-def _launch_options(itemsize: int, peak: bool = False) -> tuple[int, int, int]:
+def _shared_memory_needed(slots: int, stages: int, dim: int, itemsize: int) -> int:
+    """An upper bound on the kernel's shared memory: a Q chunk and a K chunk per stage (Triton
+    reported 262 144 bytes at 64 slots, 2 stages, fp32, head_dim 256; this gives 393 216)."""
+    return (_TILE_ROWS + slots) * dim * itemsize * stages
+
+
+def _launch_options(itemsize: int, peak: bool, dim: int, key_rows: int, shared_bytes: int) -> tuple[int, int, int] | None:
     """``(key slots per tile, warps, stages)`` for operands of ``itemsize`` bytes: the fastest
-    measured on Hopper (NOTES.md), shrunk for fp32 to fit shared memory, and halved with a peak
-    estimate (three ``[rows, slots]`` fp32 tiles in registers instead of one)."""
+    measured on Hopper at head_dim 128, shrunk for fp32 to fit shared memory, halved with a peak
+    estimate (three ``[rows, slots]`` fp32 tiles in registers instead of one), and halved again
+    while a tile does not fit ``shared_bytes`` (None: no tile of at least one key block fits)."""
     slots, warps, stages = {1: (256, 8, 3), 2: (256, 8, 2)}.get(itemsize, (64, 8, 2))
-    return (min(slots, 128) if peak else slots), warps, stages
+    slots = min(slots, 128) if peak else slots
+    while _shared_memory_needed(max(slots, key_rows), stages, dim, itemsize) > shared_bytes - 4096:
+        if slots <= key_rows:
+            return None
+        slots //= 2
+    return slots, warps, stages
 
 
 def antidiagonal_block_scores_fused(
@@ -319,7 +339,11 @@ def antidiagonal_block_scores_fused(
     rows, k_rows = layout.block_size // stride, layout.kv_block // stride
     n_q, n_k = layout.num_q_blocks, layout.num_kv_blocks
     peak = peak_weight > 0
-    slots, warps, stages = _launch_options(1 if fp8 else q.element_size(), peak)
+    options = _launch_options(1 if fp8 else q.element_size(), peak, dim, k_rows, shared_memory(q.device))
+    if options is None:
+        raise ValueError(f"no tile of the fused scorer fits shared memory at head_dim {dim} in {q.dtype}: "
+                         "check supports() first")
+    slots, warps, stages = options
     tile_slots, num_warps, num_stages = tile_slots or slots, num_warps or warps, num_stages or stages
     q_blocks = max(1, _TILE_ROWS // rows)
     tile_blocks = max(1, tile_slots // k_rows)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import shared_memory
+
 _LOG2E = 1.4426950408889634
 _ROWS = 64
 _KEYS = 64
@@ -78,9 +80,12 @@ def _column_sums_kernel(
 
 
 def supports(q: torch.Tensor) -> bool:
-    """Whether the kernels handle this head dim (a power of two, as ``tl.arange`` needs)."""
+    """Whether the kernels handle this head dim: a power of two (as ``tl.arange`` needs) whose
+    query and key tiles fit shared memory in Triton's three default stages (fp32 at head_dim
+    256 does not: torch computes it)."""
     dim = q.shape[-1]
-    return dim >= 16 and dim & (dim - 1) == 0
+    needed = (_ROWS + _KEYS) * dim * q.element_size() * 3
+    return dim >= 16 and dim & (dim - 1) == 0 and needed <= shared_memory(q.device) - 4096
 
 
 def key_importance_fused(
