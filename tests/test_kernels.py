@@ -1,4 +1,4 @@
-"""The fused Triton kernels (importance, antidiagonal scoring, selection + BlockMask indices)
+"""The fused Triton kernels (importance, gather, antidiagonal scoring, selection + BlockMask indices)
 compute the plain-torch functions. On a CPU machine it runs under
 Triton's interpreter (fp32/fp16 only: the interpreter has no bf16), in a subprocess because
 TRITON_INTERPRET must be set before kernels are defined."""
@@ -109,6 +109,15 @@ CHECK = textwrap.dedent(
         ref = key_importance(q, k, bs, d**-0.5, lk - lq)
         out = importance_kernel.key_importance_fused(q, k, bs, d**-0.5, lk - lq)
         assert (out - ref).abs().max() < 1e-6, (out - ref).abs().max()
+    # Gather: whole rows into the permuted layout, from contiguous and transposed (strided) K.
+    from flex_pbs.kernels.gather import permute_keys_fused
+    for b, h, length, d, dtype in [(2, 3, 1000, 64, torch.float32), (1, 2, 640, 16, torch.float16)]:
+        order = segment_key_order(torch.rand(b, h, length), 128)
+        x = torch.randn(b, h, length, d).to(dtype)
+        strided = torch.randn(b, length, h, d).to(dtype).transpose(1, 2)
+        for source in (x, strided):
+            out = permute_keys_fused(source, order)
+            assert out.is_contiguous() and torch.equal(out, permute_keys(source, order))
     # Selection + index lists: the kernel reproduces the torch stage exactly (no ties here).
     from flex_pbs.attention import permute_stage, score_stage, select_stage
     from flex_pbs.flex_mask import selection_indices
@@ -201,3 +210,23 @@ def test_shapes_the_kernels_cannot_tile_fall_back_to_torch():
     assert not importance.supports(q) and not antidiagonal.supports(q, 128, 8)
     assert not antidiagonal.supports(torch.randn(1, 2, 512, 64), 96, 8)  # 12 rows per block
     assert antidiagonal.supports(torch.randn(1, 2, 512, 64), 128, 8)
+    # fp32 at head_dim 256: no tile fits an H100's shared memory (the compile failed there).
+    wide = torch.randn(1, 2, 512, 256)
+    assert not importance.supports(wide) and not antidiagonal.supports(wide, 128, 8)
+    assert importance.supports(wide.bfloat16()) and antidiagonal.supports(wide.bfloat16(), 128, 8)
+
+
+def test_scorer_tiles_are_the_measured_ones_where_they_fit_and_shrink_elsewhere():
+    from flex_pbs.kernels import HOPPER_SHARED_MEMORY
+    from flex_pbs.kernels.antidiagonal import _launch_options, _shared_memory_needed
+
+    measured = {(2, False): (256, 8, 2), (1, False): (256, 8, 3), (4, False): (64, 8, 2), (2, True): (128, 8, 2)}
+    for (itemsize, peak), options in measured.items():  # head_dim 128, 16 key slots per block
+        assert _launch_options(itemsize, peak, 128, 16, HOPPER_SHARED_MEMORY) == options
+    for itemsize in (1, 2, 4):
+        for dim in (16, 64, 128, 256, 512):
+            options = _launch_options(itemsize, False, dim, 16, HOPPER_SHARED_MEMORY)
+            if options is not None:
+                assert _shared_memory_needed(options[0], options[2], dim, itemsize) <= HOPPER_SHARED_MEMORY - 4096
+    assert _launch_options(2, False, 256, 16, HOPPER_SHARED_MEMORY)[0] == 64
+    assert _launch_options(4, False, 256, 16, HOPPER_SHARED_MEMORY) is None
