@@ -68,6 +68,26 @@ class PBSPlan:
         group = self.block_mask.shape[1] // self.causal_blocks.shape[1]
         return float(self.block_mask.sum()) / float(self.causal_blocks.sum() * group)
 
+    def token_mask(self) -> torch.Tensor:
+        """Which keys each query attends to under this plan, in the caller's key order:
+        bool ``[B, Hq, Lq, Lk]``, True where the key's block is computed and the key is causal.
+
+        Exact attention with this mask (``F.scaled_dot_product_attention(q, k, v,
+        attn_mask=plan.token_mask(), enable_gqa=True)``) is what PBS attention computes, permuted
+        or not: the reference that checks a kernel against its plan. O(Lq * Lk) memory.
+        """
+        layout, key_order = self.layout, self.key_order
+        batch, q_heads = self.block_mask.shape[:2]
+        group = q_heads // key_order.shape[1]
+        slots = (
+            self.block_mask.repeat_interleave(layout.block_size, dim=2)[:, :, : layout.q_len]
+            .repeat_interleave(layout.kv_block, dim=3)[..., : layout.kv_len]
+        )
+        positions = torch.arange(layout.q_len, device=key_order.device) + layout.q_offset
+        original = key_order.repeat_interleave(group, dim=1)[:, :, None, :]
+        slots &= original <= positions[:, None]
+        return torch.zeros_like(slots).scatter_(-1, original.expand_as(slots), slots)
+
 
 def check_inputs(
     q: torch.Tensor,
@@ -145,21 +165,35 @@ def _fused(q: torch.Tensor, config: PBSConfig) -> bool:
     return q.is_cuda and triton_available()
 
 
-def permute_stage(
-    q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1: ``(key_order long [B, Hkv, Lk], k_perm [B, Hkv, Lk, D])``."""
-    if config.permute == "none":
-        return identity_key_order(k), k
-    importance_of = key_importance
+def importance_stage(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int) -> torch.Tensor:
+    """Stage 1a: each key's attention from the last query block, float32 ``[B, Hkv, Lk]``."""
     if _fused(q, config):
         from .kernels import importance
 
         if importance.supports(q):
-            importance_of = importance.key_importance_fused
-    importance = importance_of(q, k, config.block_size, scale, q_offset)
-    key_order = segment_key_order(importance, config.segment_size)
-    return key_order, permute_keys(k, key_order)
+            return importance.key_importance_fused(q, k, config.block_size, scale, q_offset)
+    return key_importance(q, k, config.block_size, scale, q_offset)
+
+
+def gather_stage(x: torch.Tensor, key_order: torch.Tensor, config: PBSConfig) -> torch.Tensor:
+    """Stage 1c: keys or values ``[B, Hkv, Lk, D]`` into the permuted layout (same shape)."""
+    if _fused(x, config):
+        from .kernels import gather
+
+        if gather.supports(x):
+            return gather.permute_keys_fused(x, key_order)
+    return permute_keys(x, key_order)
+
+
+def permute_stage(
+    q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: ``(key_order long [B, Hkv, Lk], k_perm [B, Hkv, Lk, D])``: importance, then a
+    sort inside each segment, then the gather."""
+    if config.permute == "none":
+        return identity_key_order(k), k
+    key_order = segment_key_order(importance_stage(q, k, config, scale, q_offset), config.segment_size)
+    return key_order, gather_stage(k, key_order, config)
 
 
 def score_stage(
@@ -174,7 +208,8 @@ def score_stage(
     if config.scoring == "antidiagonal" and _fused(q, config):
         from .kernels import antidiagonal
 
-        if antidiagonal.supports(q, config.block_size, config.stride, config.kv_block):
+        if antidiagonal.supports(q, config.block_size, config.stride, config.kv_block,
+                                 fp8=config.scoring_fp8, peak=config.peak_weight > 0):
             return antidiagonal.antidiagonal_block_scores_fused(
                 q, k_perm, key_order, layout, config.stride, scale,
                 fp8=config.scoring_fp8, peak_weight=config.peak_weight,
@@ -292,9 +327,9 @@ def pbs_attention(
     if plan.dense:
         out = dense_causal_attention(q, k, v, scale, q_offset)
         return (out, plan) if return_plan else out
-    v_perm = v if config.permute == "none" else permute_keys(v, plan.key_order)
+    v_perm = v if config.permute == "none" else gather_stage(v, plan.key_order, config)
     flex_mask = plan.flex_mask
     if not return_plan:
         del plan  # block scores and masks are not needed while attending
-    out = flex_attend(q, k_perm, v_perm, flex_mask, scale)
+    out = flex_attend(q, k_perm, v_perm, flex_mask, scale, keys_in_order=config.permute == "none")
     return (out, plan) if return_plan else out
