@@ -1,13 +1,22 @@
-"""Attention-level benchmark: dense SDPA, dense causal FlexAttention and PBS, stage by stage.
+"""Attention-level benchmark: dense SDPA, dense causal FlexAttention and named PBS methods,
+stage by stage.
 
 Everything runs in one process on the same inputs. Times are CUDA-event medians from
 ``triton.testing.do_bench`` after warm-up (compilation happens before timing); memory is the
 peak allocated during one call, inputs included. Recall is the exact share of dense attention
 mass inside the computed blocks, on a subsample of query blocks (always including the last).
+Stages: importance (the last query block's attention to every key), sort (inside segments),
+gather (K and V into the permuted layout), score, select, build (the BlockMask), attend;
+restoring the order costs nothing (only keys move: the output is in query order already).
 
     python benchmarks/bench_attention.py                       # planted workload, 8K..128K
+    python benchmarks/bench_attention.py --methods pbs xattention pbs_antidiagonal \
+        xattention:segment_size=256 --thresholds 0.9 --lengths 32768 131072
     python benchmarks/bench_attention.py --workload captured --captured qkv.pt
     python benchmarks/bench_attention.py --check               # correctness at 32K, then exit
+
+A method is a name from ``flex_pbs.methods`` with optional ``:field=value,...`` overrides;
+``--threshold``/``--max-density``/``--scoring-fp8`` and the geometry flags apply to every method.
 
 Writes ``--out`` (JSON) and prints a table. Needs CUDA and Triton; no Hydra.
 """
@@ -28,11 +37,14 @@ from torch.nn.attention.flex_attention import BlockMask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
-from flex_pbs.attention import build_stage, permute_stage, score_stage, select_stage  # noqa: E402
+from flex_pbs.attention import (  # noqa: E402
+    build_stage, gather_stage, importance_stage, permute_stage, score_stage, select_stage,
+)
 from flex_pbs.flex import flex_attend  # noqa: E402
 from flex_pbs.layout import BlockLayout  # noqa: E402
+from flex_pbs.methods import method_config  # noqa: E402
 from flex_pbs.metrics import attention_recall, sample_query_blocks  # noqa: E402
-from flex_pbs.permutation import permute_keys  # noqa: E402
+from flex_pbs.permutation import permute_keys, segment_key_order  # noqa: E402
 from flex_pbs.synthetic import planted_qkv  # noqa: E402
 
 
@@ -81,6 +93,67 @@ def load_workload(args, length: int):
     return [captured[name][:, :, :length].to(torch.bfloat16).contiguous() for name in ("q", "k", "v")]
 
 
+# Geometry flags that override every method's field when given.
+OVERRIDE_FLAGS = ("block_size", "key_block_size", "segment_size", "stride", "scoring", "peak_weight", "permute",
+                  "force_local_blocks", "max_density")
+
+
+def method_of(args, method: str, **changes) -> PBSConfig:
+    """``name[:field=value,...]`` from ``flex_pbs.methods`` with the command line's overrides."""
+    name, _, fields = method.partition(":")
+    for item in filter(None, fields.split(",")):
+        key, _, value = item.partition("=")
+        changes[key] = None if value == "None" else json.loads(value) if value[:1] in "0123456789-[{" else value
+    changes.update({f: getattr(args, f) for f in OVERRIDE_FLAGS if getattr(args, f) is not None})
+    if args.scoring_fp8:
+        changes["scoring_fp8"] = True
+    cfg = method_config(name, **changes)
+    if cfg is None:
+        raise SystemExit("'dense' is timed as SDPA in every table; name a PBS method")
+    return cfg
+
+
+def bench_method(q, k, v, cfg: PBSConfig, args) -> dict:
+    """Time, density, recall, peak memory and stage times of one config on one input."""
+    length, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
+    layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size, cfg.key_block_size)
+    permuted = cfg.permute != "none"
+    pbs_attention(q, k, v, cfg)  # compiles
+    torch.cuda.empty_cache()
+    peak = peak_gib(lambda: pbs_attention(q, k, v, cfg))  # nothing else alive but q, k, v
+    _, plan = pbs_attention(q, k, v, cfg, return_plan=True)
+    key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
+    v_perm = gather_stage(v, key_order, cfg) if permuted else v  # as pbs_attention does
+    scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
+    selected, indices = select_stage(scores, key_order, layout, cfg)
+    mask = build_stage(indices, key_order, layout, permuted)
+    stages = {"importance": 0.0, "sort": 0.0, "gather": 0.0}
+    if permuted:
+        importance = importance_stage(q, k, cfg, scale, 0)
+        stages["importance"] = bench_ms(lambda: importance_stage(q, k, cfg, scale, 0))
+        stages["sort"] = bench_ms(lambda: segment_key_order(importance, cfg.segment_size))
+        stages["gather"] = bench_ms(lambda: (gather_stage(k, key_order, cfg), gather_stage(v, key_order, cfg)))
+        del importance
+    stages.update({
+        "score": bench_ms(lambda: score_stage(q, k_perm, key_order, layout, cfg, scale)),
+        "select": bench_ms(lambda: select_stage(scores, key_order, layout, cfg)),
+        "build": bench_ms(lambda: build_stage(indices, key_order, layout, permuted)),
+        "attend": bench_ms(lambda: flex_attend(q, k_perm, v_perm, mask, scale, keys_in_order=not permuted)),
+        "restore": 0.0,  # queries keep their order: nothing to undo
+    })
+    total = bench_ms(lambda: pbs_attention(q, k, v, cfg))
+    blocks = sample_query_blocks(plan.layout.num_q_blocks, args.recall_blocks, seed=args.seed).to(q.device)
+    recall = float(attention_recall(q, k, plan, query_blocks=blocks).mean())
+    finite = bool(torch.isfinite(pbs_attention(q, k, v, cfg)).all())
+    result = {"config": str(cfg), "ms": total, "density": plan.density, "recall": recall, "finite": finite,
+              "peak_gib": peak, **{f"{name}_ms": ms for name, ms in stages.items()},
+              "permutation_ms": sum(stages[s] for s in ("importance", "sort", "gather", "restore")),
+              "overhead_ms": sum(stages[s] for s in stages if s != "attend")}
+    del plan, k_perm, v_perm, scores, selected, indices, mask
+    torch.cuda.empty_cache()
+    return result
+
+
 def run_length(args, length: int, rows: list[dict]) -> None:
     q, k, v = load_workload(args, length)
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -91,57 +164,25 @@ def run_length(args, length: int, rows: list[dict]) -> None:
     sdpa_peak = peak_gib(lambda: sdpa(q, k, v, scale))
     rows.append({**base, "method": "sdpa", "ms": sdpa_ms, "speedup": 1.0, "density": 1.0, "peak_gib": sdpa_peak})
 
-    dense_mask = causal_block_mask(length, args.block_size, q.device)
+    dense_mask = causal_block_mask(length, 128, q.device)
     flex_attend(q, k, v, dense_mask, scale)
     flex_ms = bench_ms(lambda: flex_attend(q, k, v, dense_mask, scale))
     rows.append({**base, "method": "flex dense causal", "ms": flex_ms, "speedup": sdpa_ms / flex_ms, "density": 1.0,
                  "peak_gib": peak_gib(lambda: flex_attend(q, k, v, dense_mask, scale))})
     del dense_mask
 
-    for threshold in args.thresholds:
-        for backend in args.backends:
-            cfg = PBSConfig(threshold=threshold, block_size=args.block_size, segment_size=args.segment_size,
-                            key_block_size=args.key_block_size,
-                            stride=args.stride, scoring=args.scoring, permute=args.permute,
-                            force_local_blocks=args.force_local_blocks, backend=backend,
-                            max_density=args.max_density, scoring_fp8=args.scoring_fp8,
-                            peak_weight=args.peak_weight)
-            layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size, cfg.key_block_size)
-            pbs_attention(q, k, v, cfg)  # compiles
-            torch.cuda.empty_cache()
-            peak = peak_gib(lambda: pbs_attention(q, k, v, cfg))  # nothing else alive but q, k, v
-            out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
-            key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
-            permuted = cfg.permute != "none"
-            v_perm = permute_keys(v, key_order) if permuted else v  # as pbs_attention does
-            scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
-            selected, indices = select_stage(scores, key_order, layout, cfg)
-            mask = build_stage(indices, key_order, layout, permuted)
-            stages = {
-                "permute": bench_ms(lambda: (permute_stage(q, k, cfg, scale, 0),
-                                             permute_keys(v, key_order) if permuted else v)),
-                "score": bench_ms(lambda: score_stage(q, k_perm, key_order, layout, cfg, scale)),
-                "select": bench_ms(lambda: select_stage(scores, key_order, layout, cfg)),
-                "build": bench_ms(lambda: build_stage(indices, key_order, layout, permuted)),
-                "attend": bench_ms(lambda: flex_attend(q, k_perm, v_perm, mask, scale)),
-            }
-            total = bench_ms(lambda: pbs_attention(q, k, v, cfg))
-            blocks = sample_query_blocks(plan.layout.num_q_blocks, args.recall_blocks, seed=args.seed).to(q.device)
-            recall = float(attention_recall(q, k, plan, query_blocks=blocks).mean())
-            overhead = sum(stages[s] for s in ("permute", "score", "select", "build"))
-            name = f"pbs thr={threshold} permute={args.permute} local={args.force_local_blocks}"
-            name += f" S={args.stride}" + (" fp8" if args.scoring_fp8 else "")
-            name += f" block={args.block_size}" + (f"x{args.key_block_size}" if args.key_block_size else "")
-            name += f" peak={args.peak_weight}" if args.peak_weight else ""
-            row = {**base, "method": name, "threshold": threshold, "backend": backend,
-                   "ms": total, "speedup": sdpa_ms / total, "density": plan.density, "recall": recall,
-                   "peak_gib": peak,
-                   "overhead_ms": overhead, "overhead_vs_sdpa": overhead / sdpa_ms,
-                   "attend_vs_ideal": stages["attend"] / (plan.density * sdpa_ms),
-                   **{f"{s}_ms": t for s, t in stages.items()}}
-            rows.append(row)
-            del out, plan, k_perm, v_perm, scores, selected, indices, mask
-            torch.cuda.empty_cache()
+    for method in args.methods:
+        for threshold in args.thresholds:
+            for backend in args.backends:
+                cfg = method_of(args, method, threshold=threshold, backend=backend)
+                rows.append({**base, **bench_method(q, k, v, cfg, args), "method": method,
+                             "threshold": threshold, "backend": backend,
+                             "max_density": cfg.max_density})
+                rows[-1]["speedup"] = sdpa_ms / rows[-1]["ms"]
+                rows[-1]["overhead_vs_sdpa"] = rows[-1]["overhead_ms"] / sdpa_ms
+                rows[-1]["permutation_vs_sdpa"] = rows[-1]["permutation_ms"] / sdpa_ms
+                rows[-1]["attend_vs_ideal"] = rows[-1]["attend_ms"] / (rows[-1]["density"] * sdpa_ms)
+                print(json.dumps(rows[-1]), flush=True)
     del q, k, v
     torch.cuda.empty_cache()
 
@@ -151,7 +192,7 @@ def recompile_probe(args) -> dict:
     without bounds masks): how many graphs compile, and does a second pass recompile?"""
     from torch._dynamo.utils import counters
 
-    cfg = PBSConfig(block_size=args.block_size, segment_size=args.segment_size)
+    cfg = method_of(args, args.methods[0])
     before = counters["stats"]["unique_graphs"]
     lengths = [8192 + 1024 * i + 101 * (i % 2) for i in range(10)]
     start = time.perf_counter()
@@ -185,8 +226,8 @@ def correctness_check(args) -> dict:
     length = args.check_length
     q, k, v = planted_qkv(1, args.q_heads, args.kv_heads, length, args.head_dim, dtype=torch.bfloat16, device="cuda")
     scale = 1.0 / math.sqrt(args.head_dim)
-    blocks = sample_query_blocks(-(-length // args.block_size), 8, seed=args.seed)
-    rows = torch.cat([torch.arange(b * args.block_size, min((b + 1) * args.block_size, length)) for b in blocks.tolist()])
+    blocks = sample_query_blocks(-(-length // 128), 8, seed=args.seed)
+    rows = torch.cat([torch.arange(b * 128, min((b + 1) * 128, length)) for b in blocks.tolist()])
     rows = rows.to(q.device)
     ref = exact_rows(q, k, v, rows, scale)
 
@@ -228,9 +269,7 @@ def tune(args) -> list[dict]:
     for length in args.lengths:
         q, k, v = load_workload(args, length)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        cfg = PBSConfig(block_size=args.block_size, key_block_size=args.key_block_size, segment_size=args.segment_size,
-                        stride=args.stride, peak_weight=args.peak_weight, force_local_blocks=args.force_local_blocks,
-                        max_density=args.max_density, scoring_fp8=args.scoring_fp8)
+        cfg = method_of(args, args.methods[0])
         layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size, cfg.key_block_size)
         key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
         sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
@@ -238,10 +277,10 @@ def tune(args) -> list[dict]:
         for tile_slots, warps, stages, fp8 in SCORER_CONFIGS if not args.tune_attend_only else []:
             name = f"score slots={tile_slots} warps={warps} stages={stages} fp8={fp8}"
             kwargs = dict(tile_slots=tile_slots, num_warps=warps, num_stages=stages, fp8=fp8,
-                          peak_weight=args.peak_weight)
+                          peak_weight=cfg.peak_weight)
             try:
                 def run():
-                    return antidiagonal_block_scores_fused(q, k_perm, key_order, layout, args.stride, scale, **kwargs)
+                    return antidiagonal_block_scores_fused(q, k_perm, key_order, layout, cfg.stride, scale, **kwargs)
                 scores = run()
                 ms = bench_ms(run)
             except Exception as error:  # a tile that does not fit shared memory, say
@@ -276,8 +315,9 @@ def tune(args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["workload", "L", "method", "ms", "speedup", "density", "recall", "peak_gib", "overhead_vs_sdpa",
-            "permute_ms", "score_ms", "select_ms", "build_ms", "attend_ms", "attend_vs_ideal"]
+    cols = ["workload", "L", "method", "threshold", "max_density", "ms", "speedup", "density", "recall", "finite",
+            "peak_gib", "overhead_vs_sdpa", "permutation_vs_sdpa", "importance_ms", "sort_ms", "gather_ms", "score_ms",
+            "select_ms", "build_ms", "attend_ms", "restore_ms", "attend_vs_ideal"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
@@ -298,17 +338,17 @@ def main(argv=None) -> None:
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    defaults = PBSConfig()
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--key-block-size", type=int, default=defaults.key_block_size, help="PBSConfig.key_block_size")
-    parser.add_argument("--segment-size", type=int, default=defaults.segment_size,
-                        help="256 or more with --permute key")
-    parser.add_argument("--stride", type=int, default=defaults.stride)
-    parser.add_argument("--scoring", default=defaults.scoring)
-    parser.add_argument("--peak-weight", type=float, default=defaults.peak_weight, help="PBSConfig.peak_weight")
-    parser.add_argument("--permute", default=defaults.permute)
-    parser.add_argument("--force-local-blocks", type=int, default=defaults.force_local_blocks)
-    parser.add_argument("--max-density", type=float, default=None)
+    parser.add_argument("--methods", nargs="+", default=["pbs"],
+                        help="named methods, each optionally name:field=value,... (e.g. xattention:segment_size=256)")
+    parser.add_argument("--block-size", type=int, help="PBSConfig.block_size for every method")
+    parser.add_argument("--key-block-size", type=int, help="PBSConfig.key_block_size for every method")
+    parser.add_argument("--segment-size", type=int, help="PBSConfig.segment_size for every method")
+    parser.add_argument("--stride", type=int, help="PBSConfig.stride for every method")
+    parser.add_argument("--scoring", help="PBSConfig.scoring for every method")
+    parser.add_argument("--peak-weight", type=float, help="PBSConfig.peak_weight for every method")
+    parser.add_argument("--permute", help="PBSConfig.permute for every method")
+    parser.add_argument("--force-local-blocks", type=int, help="PBSConfig.force_local_blocks for every method")
+    parser.add_argument("--max-density", type=float, help="PBSConfig.max_density for every method")
     parser.add_argument("--scoring-fp8", action="store_true", help="PBSConfig.scoring_fp8 (Hopper)")
     parser.add_argument("--recall-blocks", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,15 @@
-"""Correctness checks on a CUDA machine without pytest (the lent GPU has none): exact mode
-against SDPA for the fused path and for shapes the fused kernels cannot tile, fused planning
-against the plain-torch stages, no host-device synchronisation in the attention path, and inputs
-that need grad (refused: inference only). Prints one line per check, writes
-JSON, exits non-zero if a check fails.
+"""Correctness checks on a CUDA machine without pytest (the lent GPU has none).
 
-    python benchmarks/cuda_smoke.py [--out cuda_smoke.json]
+Every named method x {fp32, bf16, fp16} x head_dim {64, 128} x a length that is a multiple of
+128 and one that is not: the output is finite, at threshold 1.0 it equals SDPA within SDPA's
+own error, and at the method's threshold it equals exact attention restricted to the plan's
+computed blocks (``plan.token_mask()``: what the kernel must compute, permuted or not). Also:
+exact mode for shapes the fused kernels cannot tile, fused planning against the plain-torch
+stages, no host-device synchronisation in the attention path, and inputs that need grad
+(refused: inference only). Prints one line per check, writes JSON, exits non-zero if a check
+fails.
+
+    python benchmarks/cuda_smoke.py [--out cuda_smoke.json] [--only matrix|head_dims|other]
 """
 
 from __future__ import annotations
@@ -12,12 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from flex_pbs import PBSConfig, build_plan, pbs_attention
-from flex_pbs.synthetic import planted_qkv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
+from flex_pbs.methods import METHODS  # noqa: E402
+from flex_pbs.synthetic import planted_qkv  # noqa: E402
+
+# Error allowed beyond twice SDPA's own (against a float64 reference), about a unit roundoff
+# of the dtype: reductions in a different order may differ by that much, a wrong key not.
+ERROR_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -36,6 +50,57 @@ def exact_vs_sdpa(head_dim: int, length: int, backend: str, block_size: int = 12
     err, sdpa_err = rel_error(out, ref), rel_error(sdpa, ref)
     return {"check": f"exact d={head_dim} L={length} backend={backend} block={block_size} key block={key_block_size}", "rel_error": err,
             "sdpa_rel_error": sdpa_err, "ok": err < 2 * sdpa_err + 1e-3}
+
+
+def matches(out: torch.Tensor, q, k, v, mask: torch.Tensor | None) -> dict:
+    """``out`` against float64 SDPA with ``mask`` (causal if None), within twice the error of
+    SDPA run in ``out``'s dtype, plus :data:`ERROR_FLOOR`."""
+    kwargs = {"attn_mask": mask} if mask is not None else {"is_causal": True}
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True, **kwargs)
+    own = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    err, sdpa_err = rel_error(out, ref), rel_error(own, ref)
+    return {"rel_error": err, "sdpa_rel_error": sdpa_err, "ok": err <= 2 * sdpa_err + ERROR_FLOOR[q.dtype]}
+
+
+def method_matrix(method: str, dtype: torch.dtype, head_dim: int, length: int, **overrides: object) -> dict:
+    """One named method on one dtype, head dim and length: finite; exact at threshold 1.0;
+    equal to exact attention restricted to its plan at its own threshold."""
+    q, k, v = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=6,
+                          dtype=dtype, device="cuda")
+    cfg = METHODS[method].replace(**overrides)
+    out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
+    exact = matches(pbs_attention(q, k, v, cfg.replace(threshold=1.0)), q, k, v, None)
+    restricted = matches(out, q, k, v, plan.token_mask())
+    nonfinite_rows = (~torch.isfinite(out).all(-1)).nonzero()[:, 2].unique()
+    return {"check": f"{method} {str(dtype)[6:]} d={head_dim} L={length} {overrides or ''}", "density": plan.density,
+            "nonfinite_rows": nonfinite_rows[:8].tolist(), "exact": exact, "plan_restricted": restricted,
+            "ok": len(nonfinite_rows) == 0 and exact["ok"] and restricted["ok"]}
+
+
+def guard_diagnosis(length: int = 4096) -> dict:
+    """Why permuted methods returned NaN (bf16, head_dim 128, Hopper's tuned tiles): without
+    FlexAttention's guard for rows that have seen no key yet (``keys_in_order=True`` forces
+    ``ROWS_GUARANTEED_SAFE``), exactly the rows whose first visited tile holds no visible key
+    are NaN. The library's own call keeps the guard and is finite."""
+    from flex_pbs.flex import flex_attend
+    from flex_pbs.permutation import permute_keys
+
+    q, k, v = planted_qkv(batch=1, q_heads=32, kv_heads=8, seq_len=length, head_dim=128, seed=0,
+                          dtype=torch.bfloat16, device="cuda")
+    out, plan = pbs_attention(q, k, v, METHODS["pbs_antidiagonal"], return_plan=True)
+    k_perm, v_perm = permute_keys(k, plan.key_order), permute_keys(v, plan.key_order)
+    unguarded = flex_attend(q, k_perm, v_perm, plan.flex_mask, 128**-0.5, keys_in_order=True)
+    nan_rows = ~torch.isfinite(unguarded).all(-1)
+    layout = plan.layout
+    first_block = plan.flex_mask.kv_indices[:, :, : layout.num_q_blocks, 0].long()
+    order = plan.key_order.repeat_interleave(4, dim=1)
+    slots = first_block[..., None] * layout.kv_block + torch.arange(layout.kv_block, device="cuda")
+    first_key = order.gather(-1, slots.flatten(2)).view(slots.shape).amin(-1)
+    unsafe = first_key.repeat_interleave(layout.block_size, dim=2) > torch.arange(length, device="cuda")
+    return {"check": f"guard diagnosis pbs_antidiagonal bf16 L={length}", "nan_rows_unguarded": int(nan_rows.sum()),
+            "first_tile_unsafe_rows": int(unsafe.sum()), "same_rows": bool(torch.equal(nan_rows, unsafe)),
+            "first_nan_rows": nan_rows[0, 0].nonzero().flatten()[:6].tolist(),
+            "ok": bool(torch.isfinite(out).all())}
 
 
 def chunked_exact(length: int, q_len: int) -> dict:
@@ -184,10 +249,21 @@ def grad_inputs() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="cuda_smoke.json")
+    parser.add_argument("--only", choices=["matrix", "head_dims", "other"], help="run one group of checks")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_smoke.py needs a CUDA device")
-    checks = [
+    methods = [name for name, cfg in METHODS.items() if cfg is not None]
+    matrix = [
+        lambda m=m, dt=dt, d=d, n=n: method_matrix(m, dt, d, n)
+        for m in methods for dt in (torch.float32, torch.bfloat16, torch.float16) for d in (64, 128) for n in (2048, 2000)
+    ]
+    other_head_dims = [  # without tuned tiles, and fp32 at 256, where the fused planning does not fit
+        lambda m=m, dt=dt, d=d: method_matrix(m, dt, d, 2000) for m in ("pbs", "pbs_antidiagonal", "pbs_fine")
+        for dt in (torch.float32, torch.bfloat16) for d in (96, 256)
+    ] + [lambda d=d: method_matrix("pbs", torch.bfloat16, d, 2000, scoring_fp8=True) for d in (128, 256)]
+    other = [
+        guard_diagnosis,
         lambda: exact_vs_sdpa(128, 8192, "auto"),
         lambda: exact_vs_sdpa(96, 4096, "auto"),  # not a power of two: torch planning stages
         lambda: exact_vs_sdpa(64, 4096, "triton"),
@@ -198,6 +274,7 @@ def main() -> None:
         lambda: chunked_exact(9000, 3001),
         lambda: fused_vs_torch_plan(16384),
         lambda: fused_vs_torch_plan(16384, key_block_size=None, force_local_blocks=4, peak_weight=0.0),  # pbs_fast
+        lambda: fused_vs_torch_plan(16384, key_block_size=None, permute="key", segment_size=256),  # pbs_antidiagonal
         lambda: shared_index_buffer(20000),
         lambda: shared_index_buffer(20000, max_density=0.1),
         lambda: fp8_scoring(16384),
@@ -210,17 +287,23 @@ def main() -> None:
         no_host_sync,
         grad_inputs,
     ]
+    groups = {"matrix": matrix, "head_dims": other_head_dims, "other": other}
+    checks = groups[args.only] if args.only else [check for group in groups.values() for check in group]
     results = []
     for check in checks:
+        start = time.perf_counter()
         try:
             result = check()
         except Exception as error:  # report every check, then fail
             result = {"check": getattr(check, "__name__", "check"), "ok": False, "error": repr(error)[:500]}
+        result["seconds"] = round(time.perf_counter() - start, 2)
         results.append(result)
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
+    failed = [r["check"] for r in results if not r["ok"]]
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": results}, f, indent=1)
-    sys.exit(0 if all(r["ok"] for r in results) else 1)
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
