@@ -15,7 +15,7 @@ restoring the order costs nothing (only keys move: the output is in query order 
     python benchmarks/bench_attention.py --workload captured --captured qkv.pt
     python benchmarks/bench_attention.py --check               # correctness at 32K, then exit
 
-A method is a name from ``flex_pbs.methods`` with optional ``:field=value,...`` overrides;
+A method is a name from ``flex_pbs.engine.methods`` with optional ``:field=value,...`` overrides;
 ``--threshold``/``--max-density``/``--scoring-fp8`` and the geometry flags apply to every method.
 
 Writes ``--out`` (JSON) and prints a table. Needs CUDA and Triton; no Hydra.
@@ -37,15 +37,15 @@ from torch.nn.attention.flex_attention import BlockMask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
-from flex_pbs.attention import (  # noqa: E402
+from flex_pbs.engine.pipeline import (  # noqa: E402
     build_stage, gather_stage, importance_stage, permute_stage, score_stage, select_stage,
 )
-from flex_pbs.flex import flex_attend  # noqa: E402
-from flex_pbs.layout import BlockLayout  # noqa: E402
-from flex_pbs.methods import method_config  # noqa: E402
-from flex_pbs.metrics import attention_recall, sample_query_blocks  # noqa: E402
-from flex_pbs.permutation import permute_keys, segment_key_order  # noqa: E402
-from flex_pbs.synthetic import planted_qkv  # noqa: E402
+from flex_pbs.engine.attend import flex_attend  # noqa: E402
+from flex_pbs.engine.layout import BlockLayout  # noqa: E402
+from flex_pbs.engine.methods import method_config  # noqa: E402
+from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks  # noqa: E402
+from flex_pbs.engine.permute import permute_keys, segment_key_order  # noqa: E402
+from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
 
 
 def bench_ms(fn, rep_ms: int = 200) -> float:
@@ -99,7 +99,7 @@ OVERRIDE_FLAGS = ("block_size", "key_block_size", "segment_size", "stride", "sco
 
 
 def method_of(args, method: str, **changes) -> PBSConfig:
-    """``name[:field=value,...]`` from ``flex_pbs.methods`` with the command line's overrides."""
+    """``name[:field=value,...]`` from ``flex_pbs.engine.methods`` with the command line's overrides."""
     name, _, fields = method.partition(":")
     for item in filter(None, fields.split(",")):
         key, _, value = item.partition("=")
@@ -263,7 +263,7 @@ FLEX_OPTIONS = [None, {}]
 
 def tune(args) -> list[dict]:
     """Time the fused scorer's tile configurations and FlexAttention kernel options."""
-    from flex_pbs.kernels.antidiagonal import antidiagonal_block_scores_fused
+    from flex_pbs.engine.kernels.antidiagonal import antidiagonal_block_scores_fused
 
     results = []
     for length in args.lengths:

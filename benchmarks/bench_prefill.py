@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flex_pbs  # noqa: E402
 from flex_pbs import PBSConfig  # noqa: E402
-from flex_pbs.models import llama_8b_config  # noqa: E402
+from flex_pbs.runner.models import llama_8b_config  # noqa: E402
 
 
 def build_model(layers: int):

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
-from flex_pbs.methods import METHODS  # noqa: E402
-from flex_pbs.synthetic import planted_qkv  # noqa: E402
+from flex_pbs.engine.methods import METHODS  # noqa: E402
+from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
 
 # Error allowed beyond twice SDPA's own (against a float64 reference), about a unit roundoff
 # of the dtype: reductions in a different order may differ by that much, a wrong key not.
@@ -82,8 +82,8 @@ def guard_diagnosis(length: int = 4096) -> dict:
     FlexAttention's guard for rows that have seen no key yet (``keys_in_order=True`` forces
     ``ROWS_GUARANTEED_SAFE``), exactly the rows whose first visited tile holds no visible key
     are NaN. The library's own call keeps the guard and is finite."""
-    from flex_pbs.flex import flex_attend
-    from flex_pbs.permutation import permute_keys
+    from flex_pbs.engine.attend import flex_attend
+    from flex_pbs.engine.permute import permute_keys
 
     q, k, v = planted_qkv(batch=1, q_heads=32, kv_heads=8, seq_len=length, head_dim=128, seed=0,
                           dtype=torch.bfloat16, device="cuda")
@@ -120,7 +120,7 @@ def chunked_exact(length: int, q_len: int) -> dict:
 def fp8_scoring(length: int, peak_weight: float = 0.0) -> dict:
     """The fp8 cast kernels equal torch's casts (per tensor for K, per stride slot for Q); fp8
     block scores select nearly the bf16 blocks (also with a peak estimate mixed in)."""
-    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
+    from flex_pbs.engine.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
 
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=3)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
@@ -148,9 +148,9 @@ def shared_index_buffer(length: int, **config: object) -> dict:
     """Attention from the fused selection's index lists (overlapping views of one buffer,
     narrower than the key blocks under a ``max_density`` budget) equals attention from
     separate torch lists of the same selection."""
-    from flex_pbs.attention import build_stage
-    from flex_pbs.flex import flex_attend
-    from flex_pbs.flex_mask import selection_indices
+    from flex_pbs.engine.pipeline import build_stage
+    from flex_pbs.engine.attend import flex_attend
+    from flex_pbs.engine.mask import selection_indices
 
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=4)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
@@ -178,10 +178,10 @@ def fused_vs_torch_plan(length: int, **config: object) -> dict:
 def fused_scores_vs_torch(dtype: torch.dtype, peak_weight: float = 0.0, block_size: int = 128) -> dict:
     """The fused scorer against the plain-torch one (fp32 arithmetic) on permuted keys, chunked
     prefill and lengths that are not a multiple of the stride (zero-padded rows)."""
-    from flex_pbs.kernels.antidiagonal import antidiagonal_block_scores_fused
-    from flex_pbs.layout import BlockLayout
-    from flex_pbs.permutation import key_importance, permute_keys, segment_key_order
-    from flex_pbs.scoring import antidiagonal_block_scores
+    from flex_pbs.engine.kernels.antidiagonal import antidiagonal_block_scores_fused
+    from flex_pbs.engine.layout import BlockLayout
+    from flex_pbs.engine.permute import key_importance, permute_keys, segment_key_order
+    from flex_pbs.engine.score import antidiagonal_block_scores
 
     q, k, _ = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=9003, head_dim=128, seed=5)
     q, k = q[:, :, -5001:].cuda().to(dtype), k.cuda().to(dtype)

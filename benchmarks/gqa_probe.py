@@ -31,10 +31,10 @@ from torch.nn.attention.flex_attention import BlockMask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan  # noqa: E402
-from flex_pbs.attention import select_stage  # noqa: E402
-from flex_pbs.flex import HOPPER_D128_OPTIONS, compiled_flex_attention  # noqa: E402
-from flex_pbs.flex_mask import _SKIP_Q_BLOCKS, build_flex_mask  # noqa: E402
-from flex_pbs.synthetic import planted_qkv  # noqa: E402
+from flex_pbs.engine.pipeline import select_stage  # noqa: E402
+from flex_pbs.engine.attend import HOPPER_D128_OPTIONS, compiled_flex_attention  # noqa: E402
+from flex_pbs.engine.mask import _SKIP_Q_BLOCKS, build_flex_mask  # noqa: E402
+from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 GROUP = Q_HEADS // KV_HEADS

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
-from flex_pbs.flex import flex_attend  # noqa: E402
-from flex_pbs.synthetic import planted_qkv  # noqa: E402
+from flex_pbs.engine.attend import flex_attend  # noqa: E402
+from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 

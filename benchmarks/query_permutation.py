@@ -16,7 +16,7 @@ layer and query head it:
 3. scores blocks with the engine's antidiagonal estimate on the permuted queries (each strided
    query row's causal limit is the largest original position among its queries), and selects
    them with the engine's own forced blocks (diagonal segment, sink, local window) and
-   threshold selection (``flex_pbs.selection``); a block is causal when its earliest key
+   threshold selection (``flex_pbs.engine.select``); a block is causal when its earliest key
    precedes its latest query;
 4. attends exactly: dense SDPA with the token mask "selected block ∧ key position <= query
    position" (original positions), then scatters the output back to the original query order.
@@ -75,17 +75,17 @@ import torch.nn.functional as F
 
 import flex_pbs
 from flex_pbs import PBSConfig
-from flex_pbs.data import TEXTS, token_ids
-from flex_pbs.layout import BlockLayout, block_min_position
-from flex_pbs.methods import method_config
-from flex_pbs.permutation import identity_key_order, key_importance, permute_keys, segment_key_order
+from flex_pbs.runner.data import TEXTS, token_ids
+from flex_pbs.engine.layout import BlockLayout, block_min_position
+from flex_pbs.engine.methods import method_config
+from flex_pbs.engine.permute import identity_key_order, key_importance, permute_keys, segment_key_order
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
 from flex_pbs.runner.session import (
     Session, attention, experimental_attention, smollm2_session, whole_prefill_scale,
 )
 from flex_pbs.runner.tasks import relative_change_pct
-from flex_pbs.scoring import antidiagonal_block_scores
-from flex_pbs.selection import forced_blocks, select_blocks
+from flex_pbs.engine.score import antidiagonal_block_scores
+from flex_pbs.engine.select import forced_blocks, select_blocks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality_at_density import interpolate  # noqa: E402
@@ -156,7 +156,7 @@ def antidiagonal_scores(
     scale: float,
     chunk_blocks: int = 16,
 ) -> torch.Tensor:
-    """The engine's antidiagonal estimate (``flex_pbs.scoring.antidiagonal_block_scores``) on
+    """The engine's antidiagonal estimate (``flex_pbs.engine.score.antidiagonal_block_scores``) on
     permuted queries: a strided row sees a key slot when the slot's earliest key precedes the
     row's latest query. Equal to the engine's for the identity query order.
 

@@ -60,15 +60,15 @@ import torch
 
 import flex_pbs
 from flex_pbs import PBSConfig, build_plan
-from flex_pbs.attention import PBSPlan
-from flex_pbs.data import TEXTS, token_ids
-from flex_pbs.methods import method_config
+from flex_pbs.engine.pipeline import PBSPlan
+from flex_pbs.runner.data import TEXTS, token_ids
+from flex_pbs.engine.methods import method_config
 from flex_pbs.runner.measure import perplexity, stats_summary, timed_forward, token_losses
 from flex_pbs.runner.session import (
     Session, attention, experimental_attention, smollm2_session, whole_prefill_scale,
 )
 from flex_pbs.runner.tasks import relative_change_pct
-from flex_pbs.selection import forced_blocks, select_blocks
+from flex_pbs.engine.select import forced_blocks, select_blocks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality_at_density import interpolate, read_lines  # noqa: E402

@@ -4,8 +4,8 @@ The core (``PBSConfig``, ``pbs_attention``, ``build_plan``) needs only torch. Th
 adapter (``register``, ``unregister``, ``apply``, ``stats``) is imported on first use.
 """
 
-from .attention import PBSPlan, build_plan, pbs_attention
-from .config import PBSConfig
+from flex_pbs.engine.pipeline import PBSPlan, build_plan, pbs_attention
+from flex_pbs.engine.config import PBSConfig
 
 __all__ = ["PBSConfig", "PBSPlan", "build_plan", "pbs_attention", "register", "unregister", "apply", "stats"]
 __version__ = "0.1.0"
@@ -15,7 +15,7 @@ _ADAPTER = {"register", "unregister", "apply", "stats", "reset_stats", "registra
 
 def __getattr__(name: str):
     if name in _ADAPTER:
-        from .integrations import transformers as adapter
+        from flex_pbs.integrations import transformers as adapter
 
         return getattr(adapter, name)
     raise AttributeError(f"module 'flex_pbs' has no attribute {name!r}")

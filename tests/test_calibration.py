@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-import flex_pbs.models
+import flex_pbs.runner.models
 from flex_pbs import PBSConfig
-from flex_pbs.calibration import (
+from flex_pbs.analysis.calibration import (
     CALIBRATION_NAME,
     LayerMeasurement,
     choose_layer_thresholds,
@@ -15,8 +15,8 @@ from flex_pbs.calibration import (
     measurement_records,
 )
 from flex_pbs.integrations import transformers as adapter
-from flex_pbs.layer_thresholds import load_layer_thresholds
-from flex_pbs.models import random_model, tiny_config
+from flex_pbs.integrations.layer_thresholds import load_layer_thresholds
+from flex_pbs.runner.models import random_model, tiny_config
 from flex_pbs.runner import calibrate
 from flex_pbs.runner.session import byte_tokenizer
 
@@ -85,7 +85,7 @@ def test_measurement_runs_each_layer_alone_and_restores_the_model():
 
 
 def test_console_script_measures_chooses_writes_and_reuses(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(flex_pbs.models, "load_smollm2", lambda *a, **k: (tiny_model(), byte_tokenizer()))
+    monkeypatch.setattr(flex_pbs.runner.models, "load_smollm2", lambda *a, **k: (tiny_model(), byte_tokenizer()))
     first = tmp_path / "calibrated.json"
     calibrate.main(["--target-density", "1.0", "--out", str(first), "--seq-len", "640", "--offset", "0",
                     "--thresholds", "0.5", "1.0", "--method", "xattention"])
@@ -110,7 +110,7 @@ def test_console_script_measures_chooses_writes_and_reuses(monkeypatch, tmp_path
 
 
 def test_measurements_survive_an_unreachable_budget(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(flex_pbs.models, "load_smollm2", lambda *a, **k: (tiny_model(), byte_tokenizer()))
+    monkeypatch.setattr(flex_pbs.runner.models, "load_smollm2", lambda *a, **k: (tiny_model(), byte_tokenizer()))
     out = tmp_path / "t.json"
     with pytest.raises(SystemExit):
         calibrate.main(["--target-density", "0.01", "--out", str(out), "--seq-len", "640", "--offset", "0",

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from flex_pbs.capture import capture_qkv
-from flex_pbs.models import random_model, tiny_config
+from flex_pbs.integrations.capture import capture_qkv
+from flex_pbs.runner.models import random_model, tiny_config
 
 
 def test_capture_returns_post_rope_qkv_and_restores_the_model():

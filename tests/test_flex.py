@@ -3,9 +3,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-import flex_pbs.flex as flex
+import flex_pbs.engine.attend as flex
 from flex_pbs import PBSConfig, pbs_attention
-from flex_pbs.flex import bucket_length
+from flex_pbs.engine.attend import bucket_length
 
 
 def test_cpu_buckets_are_few_and_tight():
@@ -73,7 +73,7 @@ def test_query_offset_is_data_not_a_kernel_constant():
 
 
 def test_tuned_kernel_options_only_where_measured():
-    from flex_pbs.attention import build_plan
+    from flex_pbs.engine.pipeline import build_plan
 
     q, k = torch.randn(1, 2, 1024, 128), torch.randn(1, 2, 1024, 128)
     plan = build_plan(q, k, PBSConfig(threshold=0.8))
@@ -130,10 +130,10 @@ def test_fully_masked_row_guard_is_skipped_only_where_every_first_tile_sees_a_ke
     is safe only when every row's first visited tile holds a key it may see. That holds in
     original key order; a permuted diagonal segment breaks it at segment-start rows. Every
     named method must ask for the guard exactly when it needs it."""
-    from flex_pbs.methods import METHODS
-    from flex_pbs.synthetic import planted_qkv
+    from flex_pbs.engine.methods import METHODS
+    from flex_pbs.analysis.synthetic import planted_qkv
 
-    import flex_pbs.attention as attention
+    import flex_pbs.engine.pipeline as attention
 
     passed = {}
     real_flex_attend = attention.flex_attend

@@ -18,10 +18,10 @@ CHECK = textwrap.dedent(
     """
     import torch
     from flex_pbs import PBSConfig, build_plan
-    from flex_pbs.layout import BlockLayout
-    from flex_pbs.permutation import key_importance, permute_keys, segment_key_order
-    from flex_pbs.scoring import antidiagonal_block_scores
-    from flex_pbs.kernels.antidiagonal import antidiagonal_block_scores_fused
+    from flex_pbs.engine.layout import BlockLayout
+    from flex_pbs.engine.permute import key_importance, permute_keys, segment_key_order
+    from flex_pbs.engine.score import antidiagonal_block_scores
+    from flex_pbs.engine.kernels.antidiagonal import antidiagonal_block_scores_fused
 
     torch.manual_seed(0)
     cases = [  # B, Hq, Hkv, Lk, Lq, D, block, stride, segment, dtype
@@ -68,7 +68,7 @@ CHECK = textwrap.dedent(
     # interpreter's own fp8 rounding differs from the GPU's, so the reference dequantises the
     # cast kernels' output: Q scaled per stride slot, K per tensor), and stays near the
     # unquantised scores (e4m3: 3 mantissa bits).
-    from flex_pbs.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
+    from flex_pbs.engine.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
     for b, hq, hkv, lk, lq, d, bs, s, seg in [(1, 4, 2, 1024, 1024, 32, 128, 8, 256), (1, 2, 1, 1100, 800, 16, 128, 16, 256)]:
         q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
         offset = lk - lq
@@ -101,8 +101,8 @@ CHECK = textwrap.dedent(
         exact = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5)
         assert (out - exact).abs().max() < 0.1, (out - exact).abs().max()
     # Importance: two-pass kernel equals the materialised softmax.
-    import flex_pbs.kernels.importance as importance_kernel
-    from flex_pbs.permutation import key_importance
+    import flex_pbs.engine.kernels.importance as importance_kernel
+    from flex_pbs.engine.permute import key_importance
     importance_kernel._KEYS_PER_SPLIT = 256  # several key splits, merged
     for b, hq, hkv, lk, lq, d, bs in [(1, 4, 2, 1000, 1000, 32, 128), (2, 3, 1, 700, 500, 16, 64)]:
         q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
@@ -110,7 +110,7 @@ CHECK = textwrap.dedent(
         out = importance_kernel.key_importance_fused(q, k, bs, d**-0.5, lk - lq)
         assert (out - ref).abs().max() < 1e-6, (out - ref).abs().max()
     # Gather: whole rows into the permuted layout, from contiguous and transposed (strided) K.
-    from flex_pbs.kernels.gather import permute_keys_fused
+    from flex_pbs.engine.kernels.gather import permute_keys_fused
     for b, h, length, d, dtype in [(2, 3, 1000, 64, torch.float32), (1, 2, 640, 16, torch.float16)]:
         order = segment_key_order(torch.rand(b, h, length), 128)
         x = torch.randn(b, h, length, d).to(dtype)
@@ -119,9 +119,9 @@ CHECK = textwrap.dedent(
             out = permute_keys_fused(source, order)
             assert out.is_contiguous() and torch.equal(out, permute_keys(source, order))
     # Selection + index lists: the kernel reproduces the torch stage exactly (no ties here).
-    from flex_pbs.attention import permute_stage, score_stage, select_stage
-    from flex_pbs.flex_mask import selection_indices
-    from flex_pbs.kernels.selection import select_and_index_fused
+    from flex_pbs.engine.pipeline import permute_stage, score_stage, select_stage
+    from flex_pbs.engine.mask import selection_indices
+    from flex_pbs.engine.kernels.select_index import select_and_index_fused
     configs = [
         (1, 4, 2, 1500, 1500, 32, PBSConfig(threshold=0.8, permute="key", segment_size=256, force_local_blocks=0)),
         (2, 3, 1, 1100, 700, 16, PBSConfig(threshold=0.6, permute="key", segment_size=256, force_local_blocks=1)),
@@ -157,8 +157,8 @@ CHECK = textwrap.dedent(
     assert (fused.block_mask != plain.block_mask).float().mean() < 0.01
     # Attention from the fused index lists (two overlapping views of one buffer) equals attention
     # from the torch lists of the same selection.
-    from flex_pbs.attention import build_stage
-    from flex_pbs.flex import flex_attend
+    from flex_pbs.engine.pipeline import build_stage
+    from flex_pbs.engine.attend import flex_attend
     v = torch.randn(1, 2, 1024, 32)
     for cfg in (PBSConfig(threshold=0.8, backend="triton"), PBSConfig(threshold=0.7, segment_size=256, backend="triton"),
                 PBSConfig(threshold=0.8, key_block_size=None, force_local_blocks=4, backend="triton"),
@@ -189,10 +189,10 @@ def test_fused_kernels_match_plain_torch():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_antidiagonal_on_cuda_bf16():
-    from flex_pbs.kernels.antidiagonal import antidiagonal_block_scores_fused
-    from flex_pbs.layout import BlockLayout
-    from flex_pbs.permutation import identity_key_order
-    from flex_pbs.scoring import antidiagonal_block_scores
+    from flex_pbs.engine.kernels.antidiagonal import antidiagonal_block_scores_fused
+    from flex_pbs.engine.layout import BlockLayout
+    from flex_pbs.engine.permute import identity_key_order
+    from flex_pbs.engine.score import antidiagonal_block_scores
 
     q = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16)
@@ -204,7 +204,7 @@ def test_fused_antidiagonal_on_cuda_bf16():
 
 
 def test_shapes_the_kernels_cannot_tile_fall_back_to_torch():
-    from flex_pbs.kernels import antidiagonal, importance
+    from flex_pbs.engine.kernels import antidiagonal, importance
 
     q = torch.randn(1, 2, 512, 96)  # head_dim 96: not a power of two
     assert not importance.supports(q) and not antidiagonal.supports(q, 128, 8)
@@ -217,8 +217,8 @@ def test_shapes_the_kernels_cannot_tile_fall_back_to_torch():
 
 
 def test_scorer_tiles_are_the_measured_ones_where_they_fit_and_shrink_elsewhere():
-    from flex_pbs.kernels import HOPPER_SHARED_MEMORY
-    from flex_pbs.kernels.antidiagonal import _launch_options, _shared_memory_needed
+    from flex_pbs.engine.kernels import HOPPER_SHARED_MEMORY
+    from flex_pbs.engine.kernels.antidiagonal import _launch_options, _shared_memory_needed
 
     measured = {(2, False): (256, 8, 2), (1, False): (256, 8, 3), (4, False): (64, 8, 2), (2, True): (128, 8, 2)}
     for (itemsize, peak), options in measured.items():  # head_dim 128, 16 key slots per block

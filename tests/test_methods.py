@@ -1,7 +1,7 @@
 import pytest
 
 from flex_pbs import PBSConfig
-from flex_pbs.methods import METHODS, method_config
+from flex_pbs.engine.methods import METHODS, method_config
 
 
 def test_methods_are_configurations_of_one_engine():

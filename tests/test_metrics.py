@@ -3,7 +3,7 @@ import math
 import torch
 
 from flex_pbs import PBSConfig, build_plan
-from flex_pbs.metrics import attention_recall, sample_query_blocks
+from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks
 
 
 def brute_force_recall(q, k, plan):

@@ -3,8 +3,8 @@ import importlib.util
 import pytest
 import torch
 
-from flex_pbs import models
-from flex_pbs.data import load_text, passkey_prompt, passkeys, token_ids
+from flex_pbs.runner import models
+from flex_pbs.runner.data import load_text, passkey_prompt, passkeys, token_ids
 
 
 def test_missing_model_package_says_how_to_install(monkeypatch):

@@ -2,7 +2,7 @@ import torch
 from reference import paper_block_mask, paper_key_order
 
 from flex_pbs import PBSConfig, build_plan
-from flex_pbs.permutation import key_importance, permute_keys, segment_key_order
+from flex_pbs.engine.permute import key_importance, permute_keys, segment_key_order
 
 
 def test_key_order_matches_the_paper_reference():
@@ -36,7 +36,7 @@ def test_importance_averages_over_the_gqa_group():
 
 
 def test_importance_chunking_over_keys_is_exact(monkeypatch):
-    import flex_pbs.permutation as permutation
+    import flex_pbs.engine.permute as permutation
 
     q, k = torch.randn(1, 2, 1000, 16), torch.randn(1, 2, 1000, 16)
     whole = key_importance(q, k, 128, 0.25)

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from flex_pbs import plotting
-from flex_pbs.synthetic import planted_qkv
+from flex_pbs.analysis import plotting
+from flex_pbs.analysis.synthetic import planted_qkv
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore_masks.ipynb"
 METHODS = ["dense", "xattention", "meanpool", "pbs_mean", "pbs"]

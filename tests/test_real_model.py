@@ -5,8 +5,8 @@ import torch
 
 import flex_pbs
 from flex_pbs import PBSConfig
-from flex_pbs.data import token_ids
-from flex_pbs.models import load_smollm2
+from flex_pbs.runner.data import token_ids
+from flex_pbs.runner.models import load_smollm2
 
 pytestmark = pytest.mark.slow
 

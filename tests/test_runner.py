@@ -15,10 +15,10 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-import flex_pbs.models
+import flex_pbs.runner.models
 from flex_pbs import PBSConfig
-from flex_pbs.layer_thresholds import save_layer_thresholds
-from flex_pbs.methods import METHODS, method_config
+from flex_pbs.integrations.layer_thresholds import save_layer_thresholds
+from flex_pbs.engine.methods import METHODS, method_config
 from flex_pbs.runner import session
 from flex_pbs.runner.job import run_job
 from flex_pbs.runner.schema import ConfigError, MethodConfig, validate
@@ -99,8 +99,8 @@ def test_method_overrides_reach_the_engine():
 )
 def test_bad_config_fails_before_any_model_loads(monkeypatch, tmp_path, overrides, error, message):
     loads = []
-    monkeypatch.setattr(flex_pbs.models, "load_smollm2", lambda *a, **k: loads.append(a))
-    monkeypatch.setattr(flex_pbs.models, "random_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(flex_pbs.runner.models, "load_smollm2", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(flex_pbs.runner.models, "random_model", lambda *a, **k: loads.append(a))
     monkeypatch.setattr(session, "_LOADED", {})
     with pytest.raises(error, match=message):
         run(overrides, tmp_path)
@@ -275,7 +275,7 @@ def test_experimental_attention_runs_a_function_of_ones_own_and_cleans_up():
 
     from flex_pbs.integrations.transformers import PBSMask
 
-    model = flex_pbs.models.random_model(flex_pbs.models.tiny_config("llama"))
+    model = flex_pbs.runner.models.random_model(flex_pbs.runner.models.tiny_config("llama"))
     run = session.Session(model, None, random_weights=True, device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (1, 96))
     seen = []
@@ -326,7 +326,7 @@ def test_whole_prefill_scale_checks_what_experiments_handle():
 @pytest.mark.parametrize("sweep", ["pareto", "table", "presets"])
 def test_sweep_configs_sweep_named_methods(sweep):
     """Every shipped sweep composes and sweeps methods that exist, with valid thresholds."""
-    from flex_pbs.methods import METHODS
+    from flex_pbs.engine.methods import METHODS
 
     with initialize_config_module(config_module="flex_pbs.configs", version_base=None):
         cfg = compose("config", overrides=[f"+sweep={sweep}"], return_hydra_config=True)

@@ -2,9 +2,9 @@ import torch
 from reference import xattention_block_mask
 
 from flex_pbs import PBSConfig, build_plan
-from flex_pbs.layout import BlockLayout
-from flex_pbs.permutation import identity_key_order
-from flex_pbs.scoring import antidiagonal_block_scores, mean_pool_block_scores
+from flex_pbs.engine.layout import BlockLayout
+from flex_pbs.engine.permute import identity_key_order
+from flex_pbs.engine.score import antidiagonal_block_scores, mean_pool_block_scores
 
 
 def test_xattention_semantics_without_permutation():
@@ -50,7 +50,7 @@ def test_mean_scores_cover_only_earlier_segments():
 
 
 def test_oracle_scores_are_exact_block_masses():
-    from flex_pbs.metrics import attention_recall
+    from flex_pbs.analysis.metrics import attention_recall
 
     q, k = torch.randn(1, 4, 1000, 16) * 2, torch.randn(1, 2, 1000, 16)
     plan = build_plan(q, k, PBSConfig(scoring="oracle", threshold=0.8))

@@ -1,6 +1,6 @@
 import torch
 
-from flex_pbs.selection import select_blocks
+from flex_pbs.engine.select import select_blocks
 
 
 def scores_row(values):
@@ -48,7 +48,7 @@ def test_max_density_budget_caps_rows_but_keeps_forced_blocks():
 
 
 def test_row_chunking_is_exact(monkeypatch):
-    import flex_pbs.selection as selection
+    import flex_pbs.engine.select as selection
 
     scores = torch.rand(1, 2, 50, 64)
     candidates = torch.rand(50, 64) < 0.7
@@ -59,7 +59,7 @@ def test_row_chunking_is_exact(monkeypatch):
 
 
 def test_forced_local_blocks_precede_the_diagonal_segment():
-    from flex_pbs.layout import BlockLayout
+    from flex_pbs.engine.layout import BlockLayout
 
     layout = BlockLayout(1024, 1024, 0, 128, 256)
     local = layout.preceding_blocks(2, torch.device("cpu"))

@@ -1,8 +1,8 @@
 import torch
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention
-from flex_pbs.metrics import attention_recall
-from flex_pbs.synthetic import PlantedPattern, planted_qkv
+from flex_pbs.analysis.metrics import attention_recall
+from flex_pbs.analysis.synthetic import PlantedPattern, planted_qkv
 
 
 def test_planted_structure_is_sparse_with_high_recall():

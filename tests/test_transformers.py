@@ -5,7 +5,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 import flex_pbs
 from flex_pbs import PBSConfig
-from flex_pbs.models import random_model, tiny_config
+from flex_pbs.runner.models import random_model, tiny_config
 
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral"]
 

@@ -32,10 +32,10 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from ..attention import PBSPlan, pbs_attention
-from ..config import PBSConfig
-from ..layer_thresholds import check_layer_thresholds, load_layer_thresholds
-from ..metrics import attention_recall
+from flex_pbs.engine.pipeline import PBSPlan, pbs_attention
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.integrations.layer_thresholds import check_layer_thresholds, load_layer_thresholds
+from flex_pbs.analysis.metrics import attention_recall
 
 DEFAULT_NAME = "flex_pbs"
 _BUILT_IN = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}

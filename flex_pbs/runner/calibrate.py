@@ -2,7 +2,7 @@
 
 Measures every layer alone at every candidate threshold on a calibration window of a text
 (held out from evaluation: by default it starts after the first 8192 tokens, which every
-evaluation at up to 8K uses), chooses the thresholds (:mod:`flex_pbs.calibration`), prints
+evaluation at up to 8K uses), chooses the thresholds (:mod:`flex_pbs.analysis.calibration`), prints
 them and writes a file for ``flex-pbs-run layer_thresholds=FILE`` and
 ``flex_pbs.register(layer_thresholds=FILE)``. The measurements are kept beside it
 (``<out stem>.measurements.json``, written before choosing); ``--reuse`` either file re-chooses
@@ -17,16 +17,16 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..calibration import (
+from flex_pbs.analysis.calibration import (
     choose_layer_thresholds,
     measure_layer_sensitivity,
     measurement_records,
     measurements_from_records,
 )
-from ..data import TEXTS, token_ids
-from ..layer_thresholds import FORMAT, save_layer_thresholds
-from ..methods import METHODS, method_config
-from .report import Column, format_table
+from flex_pbs.runner.data import TEXTS, token_ids
+from flex_pbs.integrations.layer_thresholds import FORMAT, save_layer_thresholds
+from flex_pbs.engine.methods import METHODS, method_config
+from flex_pbs.runner.report import Column, format_table
 
 DEFAULT_THRESHOLDS = (0.7, 0.8, 0.9, 0.97)
 MEASUREMENTS_FORMAT = "flex_pbs.calibration_measurements/1"
@@ -36,7 +36,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Run the model: the calibration record (everything but the chosen thresholds)."""
     import torch
 
-    from ..models import load_smollm2
+    from flex_pbs.runner.models import load_smollm2
 
     config = method_config(args.method)
     model, tokenizer = load_smollm2("sdpa", getattr(torch, args.dtype), args.device)

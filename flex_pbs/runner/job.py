@@ -8,10 +8,10 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .report import environment, format_table, write_results
-from .schema import validate
-from .session import load_session
-from .tasks import TASKS
+from flex_pbs.runner.report import environment, format_table, write_results
+from flex_pbs.runner.schema import validate
+from flex_pbs.runner.session import load_session
+from flex_pbs.runner.tasks import TASKS
 
 
 def run_job(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

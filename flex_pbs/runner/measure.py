@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import passkey_prompt
-from .session import Session
+from flex_pbs.runner.data import passkey_prompt
+from flex_pbs.runner.session import Session
 
 # Rows of logits turned into log-probabilities at once (bounds the extra memory at long lengths).
 LOSS_CHUNK_ROWS = 1024

@@ -103,7 +103,7 @@ def environment(device: str) -> dict[str, Any]:
     """Versions and hardware the numbers came from."""
     import transformers
 
-    from .. import __version__
+    from flex_pbs import __version__
 
     return {
         "flex_pbs": __version__,

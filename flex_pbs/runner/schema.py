@@ -5,7 +5,7 @@ these dataclasses (registered in its ConfigStore), so a typo'd key or a value of
 fails at composition; :func:`validate` then checks the values and builds the method's engine
 config, with messages that start with the offending key.
 
-The method node is generated from :class:`~flex_pbs.config.PBSConfig`: ``name`` plus every
+The method node is generated from :class:`~flex_pbs.engine.config.PBSConfig`: ``name`` plus every
 PBSConfig field as an optional override (``null`` = the method preset's value), so fields added
 to PBSConfig are configurable here without touching this file.
 """
@@ -24,11 +24,11 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..config import PBSConfig
-from ..data import TEXTS
-from ..layer_thresholds import load_layer_thresholds
-from ..methods import METHODS, method_config
-from ..models import TINY_ARCHITECTURES
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.runner.data import TEXTS
+from flex_pbs.integrations.layer_thresholds import load_layer_thresholds
+from flex_pbs.engine.methods import METHODS, method_config
+from flex_pbs.runner.models import TINY_ARCHITECTURES
 
 MODEL_SOURCES = ("smollm2", "tiny", "llama8b")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -16,9 +16,9 @@ import torch
 
 import flex_pbs
 
-from .. import models
-from ..data import token_ids
-from .schema import ConfigError, ModelConfig, RunSpec
+from flex_pbs.runner import models
+from flex_pbs.runner.data import token_ids
+from flex_pbs.runner.schema import ConfigError, ModelConfig, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def experimental_attention(session: Session, name: str, function: Any) -> Iterat
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from ..integrations.transformers import pbs_mask
+    from flex_pbs.integrations.transformers import pbs_mask
 
     AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, pbs_mask)
@@ -170,7 +170,7 @@ def whole_prefill_scale(attention_mask: Any, query: torch.Tensor, block_size: in
     after checking that the call is what such experiments handle: unpadded causal prefill from
     position 0 (a :class:`~flex_pbs.integrations.transformers.PBSMask`, as
     :func:`experimental_attention` provides) over a multiple of ``block_size`` tokens."""
-    from ..integrations.transformers import PBSMask
+    from flex_pbs.integrations.transformers import PBSMask
 
     if not (isinstance(attention_mask, PBSMask) and attention_mask.causal and attention_mask.padding is None):
         raise ValueError("this experiment runs unpadded causal prefill only")

@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import plots
-from .report import Column, format_table, write_csv
+from flex_pbs.runner import plots
+from flex_pbs.runner.report import Column, format_table, write_csv
 
 SWEPT_TASK = "perplexity"
 

@@ -4,7 +4,7 @@
 The file is JSON; only ``layer_thresholds`` (``{"<layer index>": threshold}``) is read back,
 the rest (how and on what it was calibrated, the measurements) is there for people::
 
-    {"format": "flex_pbs.layer_thresholds/1", "layer_thresholds": {"0": 0.95, "1": 0.8, ...}, ...}
+    {"format": "flex_pbs.integrations.layer_thresholds/1", "layer_thresholds": {"0": 0.95, "1": 0.8, ...}, ...}
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-FORMAT = "flex_pbs.layer_thresholds/1"
+FORMAT = "flex_pbs.integrations.layer_thresholds/1"
 
 
 def check_layer_thresholds(thresholds: Mapping[Any, Any]) -> dict[int, float]:

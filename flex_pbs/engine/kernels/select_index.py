@@ -4,7 +4,7 @@ The row's block scores stay in registers. Instead of sorting, the cut-off score 
 bisection on the float bit pattern (exact for non-negative floats): a candidate block is kept
 when the forced blocks' mass plus the mass of strictly higher-scoring candidates is still
 below ``threshold`` of the row total, which is the sorted-prefix rule of
-:func:`flex_pbs.selection.select_blocks` up to exact ties. A ``max_density`` budget is a
+:func:`flex_pbs.engine.select.select_blocks` up to exact ties. A ``max_density`` budget is a
 second bisection on the count. The kept blocks are compacted into FlexAttention's index
 lists (partial: diagonal segment; full: the rest) with a prefix sum.
 """
@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import PBSConfig
-from ..layout import BlockLayout, block_min_position
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.layout import BlockLayout, block_min_position
 
 
 @triton.jit

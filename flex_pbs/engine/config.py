@@ -36,7 +36,7 @@ class PBSConfig:
     tiles: blocks of 128 queries x 64 keys, antidiagonal scoring mixed half and half with the
     peak estimate, a diagonal segment of one query block, a forced local window of 8 key
     blocks (512 tokens), and **no** key permutation, which lost whole-sequence perplexity at
-    equal density there. The speed-first preset ``pbs_fast`` (``flex_pbs.methods``) is
+    equal density there. The speed-first preset ``pbs_fast`` (``flex_pbs.engine.methods``) is
     ``key_block_size=None, force_local_blocks=4, peak_weight=0.0`` (square 128-token blocks,
     XAttention's scoring: about 1.4x faster per call on an H100, 0.8-1.3 points more
     perplexity at density 0.25 on 8K tokens); the PBS paper's algorithm is

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .config import PBSConfig
-from .layout import BlockLayout
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.layout import BlockLayout
 
 # Rows of blocks selected at once: bounds the sort's temporaries to about this many elements.
 _SELECT_CHUNK_ELEMENTS = 1 << 24

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from .layout import PAST_ANY_QUERY, BlockLayout
+from flex_pbs.engine.layout import PAST_ANY_QUERY, BlockLayout
 
 # Inference never needs the transposed (query-major) indices; older torch always builds them.
 _SKIP_Q_BLOCKS = (

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import PBSConfig
-from .layout import PAST_ANY_QUERY, BlockLayout, block_min_position, cdiv
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.layout import PAST_ANY_QUERY, BlockLayout, block_min_position, cdiv
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

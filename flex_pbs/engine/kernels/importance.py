@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import shared_memory
+from flex_pbs.engine.kernels import shared_memory
 
 _LOG2E = 1.4426950408889634
 _ROWS = 64
@@ -91,7 +91,7 @@ def supports(q: torch.Tensor) -> bool:
 def key_importance_fused(
     q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, q_offset: int = 0
 ) -> torch.Tensor:
-    """Fused equivalent of :func:`flex_pbs.permutation.key_importance`: float32 ``[B, Hkv, Lk]``."""
+    """Fused equivalent of :func:`flex_pbs.engine.permute.key_importance`: float32 ``[B, Hkv, Lk]``."""
     batch, q_heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .layout import BlockLayout
+from flex_pbs.engine.layout import BlockLayout
 
 if TYPE_CHECKING:
-    from .attention import PBSPlan
+    from flex_pbs.engine.pipeline import PBSPlan
 
 # Exact attention probabilities held at once (elements): bounds recall's memory at any length.
 _RECALL_CHUNK_ELEMENTS = 1 << 26

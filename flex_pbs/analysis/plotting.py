@@ -19,10 +19,10 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm
 from matplotlib.figure import Figure
 
-from .attention import PBSPlan, build_plan
-from .layout import cdiv
-from .methods import METHODS, method_config
-from .metrics import attention_recall
+from flex_pbs.engine.pipeline import PBSPlan, build_plan
+from flex_pbs.engine.layout import cdiv
+from flex_pbs.engine.methods import METHODS, method_config
+from flex_pbs.analysis.metrics import attention_recall
 
 POOLINGS = ("max", "sum")
 # Attention probabilities held at once while pooling a heatmap (elements): bounds its memory.
@@ -57,14 +57,14 @@ def _check_index(name: str, value: int, size: int) -> None:
 def method_plans(
     q: torch.Tensor, k: torch.Tensor, methods: Iterable[str], **overrides
 ) -> dict[str, PBSPlan]:
-    """The plan of each named method (``flex_pbs.methods``) on one layer's Q/K.
+    """The plan of each named method (``flex_pbs.engine.methods``) on one layer's Q/K.
 
     ``dense`` gives the dense plan: every causal block, original key order (its config takes
     only the block geometry from ``overrides``; the threshold does not apply).
 
     Args:
         q: ``[B, Hq, L, D]``; k: ``[B, Hkv, L, D]`` (post-RoPE, original order).
-        methods: names from ``flex_pbs.methods.METHODS``.
+        methods: names from ``flex_pbs.engine.methods.METHODS``.
         overrides: ``PBSConfig`` fields applied to every method (e.g. ``threshold=0.9``,
             ``block_size=64``).
 
@@ -87,7 +87,7 @@ def method_plans(
 def head_recalls(
     q: torch.Tensor, k: torch.Tensor, plans: Mapping[str, PBSPlan], head: int, batch: int = 0
 ) -> dict[str, float]:
-    """Attention recall of one query head under each plan (``flex_pbs.metrics.attention_recall``).
+    """Attention recall of one query head under each plan (``flex_pbs.analysis.metrics.attention_recall``).
 
     Args:
         q: ``[B, Hq, L, D]``; k: ``[B, Hkv, L, D]``, the inputs the plans were built from.
@@ -119,7 +119,7 @@ def sweep_layer(
         methods: sparse method names (``dense`` has no threshold: leave it out).
         thresholds: values in (0, 1].
         query_blocks: optional long ``[n]``: evaluate recall on these query blocks only
-            (``flex_pbs.metrics.sample_query_blocks``), for long inputs.
+            (``flex_pbs.analysis.metrics.sample_query_blocks``), for long inputs.
         overrides: other ``PBSConfig`` fields applied to every method.
 
     Returns:
@@ -159,7 +159,7 @@ def layer_table(
     """Per-layer density and recall of several methods (default: without vs with permutation).
 
     Args:
-        qkv_by_layer: ``{layer: (q, k, ...)}`` as returned by ``flex_pbs.capture.capture_qkv``.
+        qkv_by_layer: ``{layer: (q, k, ...)}`` as returned by ``flex_pbs.integrations.capture.capture_qkv``.
         threshold: the selection threshold of every method.
         methods: sparse method names; the default pair differs only in the permutation.
         overrides: other ``PBSConfig`` fields applied to every method.

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import PBSConfig
+from flex_pbs.engine.config import PBSConfig
 
 # The published baselines: square 128-token blocks, scored as in their papers.
 _BASELINE = {"key_block_size": None, "peak_weight": 0.0, "force_local_blocks": 0}

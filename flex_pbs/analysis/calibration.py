@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import PBSConfig
-from .integrations import transformers as adapter
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.integrations import transformers as adapter
 
 CALIBRATION_NAME = "flex_pbs_calibration"
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .layout import cdiv
+from flex_pbs.engine.layout import cdiv
 
 # Distinct CPU length buckets one process may compile (8 per doubling covers 16 doublings).
 CPU_MAX_BUCKETS = 128
@@ -145,7 +145,7 @@ def default_kernel_options(q: torch.Tensor, block_mask: BlockMask, keys_in_order
     """:func:`cuda_kernel_options` for ``q``'s device, dtype and the mask; None off CUDA."""
     if not q.is_cuda:
         return None
-    from .kernels import shared_memory
+    from flex_pbs.engine.kernels import shared_memory
 
     return cuda_kernel_options(
         q.shape[-1], tuple(block_mask.BLOCK_SIZE), tuple(block_mask.seq_lengths),

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from .config import PBSConfig
-from .flex import bucket_length, flex_attend
-from .flex_mask import MaskIndices, build_flex_mask, selection_indices
-from .layout import BlockLayout
-from .permutation import identity_key_order, key_importance, permute_keys, segment_key_order
-from .scoring import estimate_block_scores
-from .selection import forced_blocks, select_blocks
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.attend import bucket_length, flex_attend
+from flex_pbs.engine.mask import MaskIndices, build_flex_mask, selection_indices
+from flex_pbs.engine.layout import BlockLayout
+from flex_pbs.engine.permute import identity_key_order, key_importance, permute_keys, segment_key_order
+from flex_pbs.engine.score import estimate_block_scores
+from flex_pbs.engine.select import forced_blocks, select_blocks
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _fused(q: torch.Tensor, config: PBSConfig) -> bool:
     """Whether the planning stages run as Triton kernels (default: on CUDA, if installed)."""
     if config.backend != "auto":
         return config.backend == "triton"
-    from .kernels import triton_available
+    from flex_pbs.engine.kernels import triton_available
 
     return q.is_cuda and triton_available()
 
@@ -168,7 +168,7 @@ def _fused(q: torch.Tensor, config: PBSConfig) -> bool:
 def importance_stage(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int) -> torch.Tensor:
     """Stage 1a: each key's attention from the last query block, float32 ``[B, Hkv, Lk]``."""
     if _fused(q, config):
-        from .kernels import importance
+        from flex_pbs.engine.kernels import importance
 
         if importance.supports(q):
             return importance.key_importance_fused(q, k, config.block_size, scale, q_offset)
@@ -178,7 +178,7 @@ def importance_stage(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale:
 def gather_stage(x: torch.Tensor, key_order: torch.Tensor, config: PBSConfig) -> torch.Tensor:
     """Stage 1c: keys or values ``[B, Hkv, Lk, D]`` into the permuted layout (same shape)."""
     if _fused(x, config):
-        from .kernels import gather
+        from flex_pbs.engine.kernels import gather
 
         if gather.supports(x):
             return gather.permute_keys_fused(x, key_order)
@@ -206,7 +206,7 @@ def score_stage(
 ) -> torch.Tensor:
     """Stage 2: float32 block scores ``[B, Hq, nQ, nK]``."""
     if config.scoring == "antidiagonal" and _fused(q, config):
-        from .kernels import antidiagonal
+        from flex_pbs.engine.kernels import antidiagonal
 
         if antidiagonal.supports(q, config.block_size, config.stride, config.kv_block,
                                  fp8=config.scoring_fp8, peak=config.peak_weight > 0):
@@ -223,7 +223,7 @@ def select_stage(
     """Stage 3: ``(selected bool [B, Hq, nQ, nK], indices)``, ``indices`` being FlexAttention's
     block lists of the selection."""
     if _fused(scores, config):
-        from .kernels.selection import select_and_index_fused
+        from flex_pbs.engine.kernels.select_index import select_and_index_fused
 
         return select_and_index_fused(scores, key_order, layout, config)
     causal = layout.causal_blocks(key_order)

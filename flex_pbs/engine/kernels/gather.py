@@ -36,7 +36,7 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def permute_keys_fused(x: torch.Tensor, key_order: torch.Tensor) -> torch.Tensor:
-    """Fused equivalent of :func:`flex_pbs.permutation.permute_keys`: ``[B, Hkv, Lk, D]``,
+    """Fused equivalent of :func:`flex_pbs.engine.permute.permute_keys`: ``[B, Hkv, Lk, D]``,
     contiguous."""
     batch, heads, length, dim = x.shape
     out = torch.empty(batch, heads, length, dim, device=x.device, dtype=x.dtype)

@@ -23,16 +23,16 @@ from tqdm.auto import tqdm
 
 import flex_pbs
 
-from ..attention import build_plan
-from ..capture import capture_qkv
-from ..config import PBSConfig
-from ..data import passkeys
-from ..metrics import attention_recall, sample_query_blocks
-from . import plots
-from .measure import passkey_trial, perplexity, stats_summary, timed_forward, token_losses
-from .report import Column, TaskResult
-from .schema import RunSpec
-from .session import Session, attention, evaluation_ids
+from flex_pbs.engine.pipeline import build_plan
+from flex_pbs.integrations.capture import capture_qkv
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.runner.data import passkeys
+from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks
+from flex_pbs.runner import plots
+from flex_pbs.runner.measure import passkey_trial, perplexity, stats_summary, timed_forward, token_losses
+from flex_pbs.runner.report import Column, TaskResult
+from flex_pbs.runner.schema import RunSpec
+from flex_pbs.runner.session import Session, attention, evaluation_ids
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Fused antidiagonal block scoring in Triton: strided GEMM + online softmax + block sums.
 
-Computes the same function as :func:`flex_pbs.scoring.antidiagonal_block_scores` in one pass
+Computes the same function as :func:`flex_pbs.engine.score.antidiagonal_block_scores` in one pass
 over the keys, without the ``(L/S)²`` score matrix. Viewed as ``[L/S, S·D]`` (each row the
 ``S`` consecutive tokens of one stride slot), Q and K make the antidiagonal sum a plain GEMM
 whose inner dimension runs over the slot's tokens backwards for Q: chunk ``t`` of a key row
@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..layout import BlockLayout, block_min_position
-from . import shared_memory
+from flex_pbs.engine.layout import BlockLayout, block_min_position
+from flex_pbs.engine.kernels import shared_memory
 
 _LOG2E = 1.4426950408889634
 # Scaled fp8 values stay within ±240, below e4m3's 448 so that rounding cannot overflow.
@@ -318,7 +318,7 @@ def antidiagonal_block_scores_fused(
     fp8: bool = False,
     peak_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Fused equivalent of :func:`flex_pbs.scoring.antidiagonal_block_scores`.
+    """Fused equivalent of :func:`flex_pbs.engine.score.antidiagonal_block_scores`.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k_perm: ``[B, Hkv, Lk, D]`` (permuted layout);

@@ -1,4 +1,4 @@
-"""``flex-pbs-run`` (or ``python -m flex_pbs.run``): the experiment runner's Hydra entry point.
+"""``flex-pbs-run`` (or ``python -m flex_pbs.runner.cli``): the experiment runner's Hydra entry point.
 
 How sparse can attention go on a model, what does it cost in quality, what does it buy in
 speed? Configs ship in package ``flex_pbs.configs`` (the repository's ``configs/``); see
@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .runner.job import run_job  # importing the runner registers its structured configs
+from flex_pbs.runner.job import run_job  # importing the runner registers its structured configs
 
 
 @hydra.main(version_base=None, config_path="pkg://flex_pbs.configs", config_name="config")
