@@ -37,9 +37,10 @@ from torch.nn.attention.flex_attention import BlockMask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
-from flex_pbs.engine.pipeline import (  # noqa: E402
-    build_stage, gather_stage, importance_stage, permute_stage, score_stage, select_stage,
-)
+from flex_pbs.engine.mask import build_stage  # noqa: E402
+from flex_pbs.engine.permute import gather_stage, importance_stage, permute_stage  # noqa: E402
+from flex_pbs.engine.score import score_stage  # noqa: E402
+from flex_pbs.engine.select import select_stage  # noqa: E402
 from flex_pbs.engine.attend import flex_attend  # noqa: E402
 from flex_pbs.engine.layout import BlockLayout  # noqa: E402
 from flex_pbs.engine.methods import method_config  # noqa: E402
@@ -116,21 +117,21 @@ def method_of(args, method: str, **changes) -> PBSConfig:
 def bench_method(q, k, v, cfg: PBSConfig, args) -> dict:
     """Time, density, recall, peak memory and stage times of one config on one input."""
     length, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
-    layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size, cfg.key_block_size)
+    layout = BlockLayout.from_config(cfg, length, length)
     permuted = cfg.permute != "none"
     pbs_attention(q, k, v, cfg)  # compiles
     torch.cuda.empty_cache()
     peak = peak_gib(lambda: pbs_attention(q, k, v, cfg))  # nothing else alive but q, k, v
     _, plan = pbs_attention(q, k, v, cfg, return_plan=True)
-    key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
+    key_order, k_perm = permute_stage(q, k, layout, cfg, scale)
     v_perm = gather_stage(v, key_order, cfg) if permuted else v  # as pbs_attention does
     scores = score_stage(q, k_perm, key_order, layout, cfg, scale)
     selected, indices = select_stage(scores, key_order, layout, cfg)
     mask = build_stage(indices, key_order, layout, permuted)
     stages = {"importance": 0.0, "sort": 0.0, "gather": 0.0}
     if permuted:
-        importance = importance_stage(q, k, cfg, scale, 0)
-        stages["importance"] = bench_ms(lambda: importance_stage(q, k, cfg, scale, 0))
+        importance = importance_stage(q, k, layout, cfg, scale)
+        stages["importance"] = bench_ms(lambda: importance_stage(q, k, layout, cfg, scale))
         stages["sort"] = bench_ms(lambda: segment_key_order(importance, cfg.segment_size))
         stages["gather"] = bench_ms(lambda: (gather_stage(k, key_order, cfg), gather_stage(v, key_order, cfg)))
         del importance
@@ -270,8 +271,8 @@ def tune(args) -> list[dict]:
         q, k, v = load_workload(args, length)
         scale = 1.0 / math.sqrt(q.shape[-1])
         cfg = method_of(args, args.methods[0])
-        layout = BlockLayout(length, length, 0, cfg.block_size, cfg.segment_size, cfg.key_block_size)
-        key_order, k_perm = permute_stage(q, k, cfg, scale, 0)
+        layout = BlockLayout.from_config(cfg, length, length)
+        key_order, k_perm = permute_stage(q, k, layout, cfg, scale)
         sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
         reference = None
         for tile_slots, warps, stages, fp8 in SCORER_CONFIGS if not args.tune_attend_only else []:

@@ -155,7 +155,7 @@ def main(argv=None) -> None:
             stats = flex_pbs.stats(model)
             density = sum(float(s.density.mean()) for s in stats.values()) / len(stats)
             precision = "fp8" if config.scoring_fp8 else "bf16"
-            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={config.stride} {precision} peak={config.peak_weight} key_block={config.kv_block}",
+            row = {"L": length, "method": f"flex_pbs thr={args.threshold} max_density={cap} stride={config.stride} {precision} peak={config.peak_weight} key_block={config.key_block_size or config.block_size}",
                    "ms": ms, "speedup": sdpa / ms, "density": density, "first_call_s": compile_s}
             report["rows"].append(row)
             print(row, flush=True)

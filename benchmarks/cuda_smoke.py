@@ -148,7 +148,7 @@ def shared_index_buffer(length: int, **config: object) -> dict:
     """Attention from the fused selection's index lists (overlapping views of one buffer,
     narrower than the key blocks under a ``max_density`` budget) equals attention from
     separate torch lists of the same selection."""
-    from flex_pbs.engine.pipeline import build_stage
+    from flex_pbs.engine.mask import build_stage
     from flex_pbs.engine.attend import flex_attend
     from flex_pbs.engine.mask import selection_indices
 
@@ -188,7 +188,8 @@ def fused_scores_vs_torch(dtype: torch.dtype, peak_weight: float = 0.0, block_si
     offset = k.shape[2] - q.shape[2]
     order = segment_key_order(key_importance(q.float(), k.float(), block_size, 128**-0.5, offset), 2 * block_size)
     k_perm = permute_keys(k, order)
-    layout = BlockLayout(q.shape[2], k.shape[2], offset, block_size, 2 * block_size)
+    layout = BlockLayout(q_len=q.shape[2], kv_len=k.shape[2], q_offset=offset, block_size=block_size, kv_block=block_size,
+                         segment_size=2 * block_size)
     ref = antidiagonal_block_scores(q.float(), k_perm.float(), order, layout, 8, 128**-0.5, peak_weight=peak_weight)
     out = antidiagonal_block_scores_fused(q.transpose(1, 2).contiguous().transpose(1, 2), k_perm, order, layout, 8,
                                           128**-0.5, peak_weight=peak_weight)

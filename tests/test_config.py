@@ -7,7 +7,7 @@ def test_defaults_are_valid():
     cfg = PBSConfig()
     assert (cfg.block_size, cfg.segment_size, cfg.scoring, cfg.permute) == (128, 128, "antidiagonal", "none")
     assert (cfg.threshold, cfg.stride, cfg.force_local_blocks, cfg.force_sink) == (0.9, 8, 8, True)
-    assert (cfg.key_block_size, cfg.kv_block, cfg.peak_weight) == (64, 64, 0.5)
+    assert (cfg.key_block_size, cfg.peak_weight) == (64, 0.5)
 
 
 @pytest.mark.parametrize(

@@ -149,7 +149,7 @@ def test_fully_masked_row_guard_is_skipped_only_where_every_first_tile_sees_a_ke
             continue
         _, plan = pbs_attention(q, k, v, cfg, return_plan=True)
         sees = _first_tile_sees_a_key(plan)
-        options = flex.cuda_kernel_options(128, (cfg.block_size, cfg.kv_block), (2048, 2048), (9, 0),
+        options = flex.cuda_kernel_options(128, (plan.layout.block_size, plan.layout.kv_block), (2048, 2048), (9, 0),
                                            keys_in_order=passed["keys_in_order"]) or {}
         if cfg.permute == "none":
             assert passed["keys_in_order"] and sees.all(), name

@@ -38,7 +38,7 @@ CHECK = textwrap.dedent(
         offset = lk - lq
         order = segment_key_order(key_importance(q, k, bs, d**-0.5, offset), seg)
         k_perm = permute_keys(k, order)
-        layout = BlockLayout(lq, lk, offset, bs, seg)
+        layout = BlockLayout(q_len=lq, kv_len=lk, q_offset=offset, block_size=bs, kv_block=bs, segment_size=seg)
         ref = antidiagonal_block_scores(q.float(), k_perm.float(), order, layout, s, d**-0.5)
         out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5)
         err = (out - ref).abs().max().item()
@@ -49,7 +49,7 @@ CHECK = textwrap.dedent(
         q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
         order = segment_key_order(key_importance(q, k, bs, d**-0.5, lk - lq), seg)
         k_perm = permute_keys(k, order)
-        layout = BlockLayout(lq, lk, lk - lq, bs, seg, kbs)
+        layout = BlockLayout(q_len=lq, kv_len=lk, q_offset=lk - lq, block_size=bs, kv_block=kbs, segment_size=seg)
         for weight in (0.0, 0.5):
             ref = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
             out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
@@ -59,7 +59,7 @@ CHECK = textwrap.dedent(
         q, k = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d)
         order = segment_key_order(key_importance(q, k, bs, d**-0.5, lk - lq), seg)
         k_perm = permute_keys(k, order)
-        layout = BlockLayout(lq, lk, lk - lq, bs, seg)
+        layout = BlockLayout(q_len=lq, kv_len=lk, q_offset=lk - lq, block_size=bs, kv_block=bs, segment_size=seg)
         for weight in (0.5, 1.0):
             ref = antidiagonal_block_scores(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
             out = antidiagonal_block_scores_fused(q, k_perm, order, layout, s, d**-0.5, peak_weight=weight)
@@ -74,7 +74,7 @@ CHECK = textwrap.dedent(
         offset = lk - lq
         order = segment_key_order(key_importance(q, k, bs, d**-0.5, offset), seg)
         k_perm = permute_keys(k, order)
-        layout = BlockLayout(lq, lk, offset, bs, seg)
+        layout = BlockLayout(q_len=lq, kv_len=lk, q_offset=offset, block_size=bs, kv_block=bs, segment_size=seg)
         amax_k = _abs_max(k_perm).reshape(1)
         q8, q_descale = _to_fp8_slots(q, s)
         slot_max = q.reshape(b, hq, lq // s, s * d).abs().amax(-1)
@@ -119,7 +119,9 @@ CHECK = textwrap.dedent(
             out = permute_keys_fused(source, order)
             assert out.is_contiguous() and torch.equal(out, permute_keys(source, order))
     # Selection + index lists: the kernel reproduces the torch stage exactly (no ties here).
-    from flex_pbs.engine.pipeline import permute_stage, score_stage, select_stage
+    from flex_pbs.engine.permute import permute_stage
+    from flex_pbs.engine.score import score_stage
+    from flex_pbs.engine.select import select_stage
     from flex_pbs.engine.mask import selection_indices
     from flex_pbs.engine.kernels.select_index import select_and_index_fused
     configs = [
@@ -135,8 +137,8 @@ CHECK = textwrap.dedent(
     for b, hq, hkv, lk, lq, d, cfg in configs:
         cfg = cfg.replace(backend="torch")
         q, k = torch.randn(b, hq, lq, d) * 2, torch.randn(b, hkv, lk, d)
-        layout = BlockLayout(lq, lk, lk - lq, cfg.block_size, cfg.segment_size, cfg.key_block_size)
-        order, k_perm = permute_stage(q, k, cfg, d**-0.5, lk - lq)
+        layout = BlockLayout.from_config(cfg, lq, lk, lk - lq)
+        order, k_perm = permute_stage(q, k, layout, cfg, d**-0.5)
         scores = score_stage(q, k_perm, order, layout, cfg, d**-0.5)
         selected, indices = select_stage(scores, order, layout, cfg)
         fused_selected, fused_indices = select_and_index_fused(scores, order, layout, cfg)
@@ -157,7 +159,7 @@ CHECK = textwrap.dedent(
     assert (fused.block_mask != plain.block_mask).float().mean() < 0.01
     # Attention from the fused index lists (two overlapping views of one buffer) equals attention
     # from the torch lists of the same selection.
-    from flex_pbs.engine.pipeline import build_stage
+    from flex_pbs.engine.mask import build_stage
     from flex_pbs.engine.attend import flex_attend
     v = torch.randn(1, 2, 1024, 32)
     for cfg in (PBSConfig(threshold=0.8, backend="triton"), PBSConfig(threshold=0.7, segment_size=256, backend="triton"),
@@ -196,7 +198,7 @@ def test_fused_antidiagonal_on_cuda_bf16():
 
     q = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16)
-    layout = BlockLayout(4096, 4096, 0, 128, 256)
+    layout = BlockLayout(q_len=4096, kv_len=4096, q_offset=0, block_size=128, kv_block=128, segment_size=256)
     order = identity_key_order(k)
     ref = antidiagonal_block_scores(q, k, order, layout, 8, 128**-0.5)
     out = antidiagonal_block_scores_fused(q, k, order, layout, 8, 128**-0.5)
@@ -205,15 +207,19 @@ def test_fused_antidiagonal_on_cuda_bf16():
 
 def test_shapes_the_kernels_cannot_tile_fall_back_to_torch():
     from flex_pbs.engine.kernels import antidiagonal, importance
+    from flex_pbs.engine.layout import BlockLayout
+
+    def layout(block):
+        return BlockLayout(q_len=512, kv_len=512, q_offset=0, block_size=block, kv_block=block, segment_size=3 * block)
 
     q = torch.randn(1, 2, 512, 96)  # head_dim 96: not a power of two
-    assert not importance.supports(q) and not antidiagonal.supports(q, 128, 8)
-    assert not antidiagonal.supports(torch.randn(1, 2, 512, 64), 96, 8)  # 12 rows per block
-    assert antidiagonal.supports(torch.randn(1, 2, 512, 64), 128, 8)
+    assert not importance.supports(q) and not antidiagonal.supports(q, layout(128), 8)
+    assert not antidiagonal.supports(torch.randn(1, 2, 512, 64), layout(96), 8)  # 12 rows per block
+    assert antidiagonal.supports(torch.randn(1, 2, 512, 64), layout(128), 8)
     # fp32 at head_dim 256: no tile fits an H100's shared memory (the compile failed there).
     wide = torch.randn(1, 2, 512, 256)
-    assert not importance.supports(wide) and not antidiagonal.supports(wide, 128, 8)
-    assert importance.supports(wide.bfloat16()) and antidiagonal.supports(wide.bfloat16(), 128, 8)
+    assert not importance.supports(wide) and not antidiagonal.supports(wide, layout(128), 8)
+    assert importance.supports(wide.bfloat16()) and antidiagonal.supports(wide.bfloat16(), layout(128), 8)
 
 
 def test_scorer_tiles_are_the_measured_ones_where_they_fit_and_shrink_elsewhere():

@@ -1,6 +1,7 @@
 import pytest
 
 from flex_pbs import PBSConfig
+from flex_pbs.engine.layout import BlockLayout
 from flex_pbs.engine.methods import METHODS, method_config
 
 
@@ -8,7 +9,7 @@ def test_methods_are_configurations_of_one_engine():
     assert method_config("dense") is None
     assert method_config("pbs") == PBSConfig()
     default = PBSConfig()
-    assert (default.block_size, default.kv_block, default.peak_weight, default.force_local_blocks) == (128, 64, 0.5, 8)
+    assert (default.block_size, default.key_block_size, default.peak_weight, default.force_local_blocks) == (128, 64, 0.5, 8)
     # The baselines: square 128-token blocks scored as published (no peak estimate), no local window.
     square = {"key_block_size": None, "peak_weight": 0.0, "force_local_blocks": 0}
     assert method_config("xattention") == PBSConfig(permute="none", **square)
@@ -18,11 +19,12 @@ def test_methods_are_configurations_of_one_engine():
     # pbs_fast: the default until 2026-11-27 (square blocks, XAttention's scoring, local 4).
     assert method_config("pbs_fast") == method_config("xattention").replace(force_local_blocks=4)
     fine = method_config("pbs_fine")
-    assert (fine.block_size, fine.kv_block, fine.segment_size, fine.stride, fine.peak_weight) == (64, 64, 64, 8, 0.5)
+    assert (fine.block_size, fine.key_block_size, fine.segment_size, fine.stride, fine.peak_weight) == (64, None, 64, 8, 0.5)
     assert {name for name, config in METHODS.items() if config and config.peak_weight} == {"pbs", "pbs_fine"}
     # The same 512-token local window in the three presets that have one.
     for name in ("pbs", "pbs_fast", "pbs_fine"):
-        assert method_config(name).force_local_blocks * method_config(name).kv_block == 512, name
+        layout = BlockLayout.from_config(method_config(name), 4096, 4096)
+        assert method_config(name).force_local_blocks * layout.kv_block == 512, name
     assert set(METHODS) == {"dense", "pbs", "pbs_fast", "pbs_fine", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
 
 

@@ -24,7 +24,7 @@ def test_xattention_semantics_without_permutation():
 
 def test_antidiagonal_rows_sum_to_strided_rows_per_block():
     q, k = torch.randn(1, 2, 1000, 16), torch.randn(1, 2, 1000, 16)
-    layout = BlockLayout(1000, 1000, 0, 128, 256)
+    layout = BlockLayout(q_len=1000, kv_len=1000, q_offset=0, block_size=128, kv_block=128, segment_size=256)
     scores = antidiagonal_block_scores(q, k, identity_key_order(k), layout, 8, 0.25, chunk_blocks=3)
     valid_rows = torch.tensor([16] * 7 + [(1000 - 7 * 128) // 8], dtype=torch.float32)
     assert torch.allclose(scores.sum(-1), valid_rows.expand(1, 2, 8), atol=1e-4)
@@ -34,7 +34,7 @@ def test_antidiagonal_rows_sum_to_strided_rows_per_block():
 
 def test_antidiagonal_chunking_is_exact():
     q, k = torch.randn(1, 2, 1024, 16), torch.randn(1, 1, 1024, 16)
-    layout = BlockLayout(1024, 1024, 0, 128, 256)
+    layout = BlockLayout(q_len=1024, kv_len=1024, q_offset=0, block_size=128, kv_block=128, segment_size=256)
     order = identity_key_order(k)
     whole = antidiagonal_block_scores(q, k, order, layout, 8, 0.25, chunk_blocks=8)
     assert torch.allclose(antidiagonal_block_scores(q, k, order, layout, 8, 0.25, chunk_blocks=3), whole, atol=1e-6)
@@ -42,7 +42,7 @@ def test_antidiagonal_chunking_is_exact():
 
 def test_mean_scores_cover_only_earlier_segments():
     q, k = torch.randn(1, 1, 1024, 16), torch.randn(1, 1, 1024, 16)
-    layout = BlockLayout(1024, 1024, 0, 128, 256)
+    layout = BlockLayout(q_len=1024, kv_len=1024, q_offset=0, block_size=128, kv_block=128, segment_size=256)
     scores = mean_pool_block_scores(q, k, layout, 0.25)
     assert scores[0, 0, :2].sum() == 0  # first segment: no earlier segment
     assert torch.allclose(scores[0, 0, 2:].sum(-1), torch.ones(6))
@@ -77,7 +77,7 @@ def _strided_scores_reference(q, k, block, stride, scale, reduce):
 
 def test_peak_estimate_is_the_softmax_of_each_antidiagonal_largest_product():
     q, k = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
-    layout = BlockLayout(64, 64, 0, 16, 16)
+    layout = BlockLayout(q_len=64, kv_len=64, q_offset=0, block_size=16, kv_block=16, segment_size=16)
     order = identity_key_order(k)
     mean = _strided_scores_reference(q[0, 0], k[0, 0], 16, 4, 0.5, torch.mean)
     peak = _strided_scores_reference(q[0, 0], k[0, 0], 16, 4, 0.5, torch.max)
@@ -94,7 +94,7 @@ def test_peak_estimate_keeps_one_strong_pair_that_the_mean_dilutes():
     q, k = torch.randn(1, 1, 512, 16) * 0.3, torch.randn(1, 1, 512, 16) * 0.3
     direction = torch.randn(16)
     q[0, 0, 403], k[0, 0, 44] = direction * 1.5, direction * 1.5
-    layout = BlockLayout(512, 512, 0, 64, 64)
+    layout = BlockLayout(q_len=512, kv_len=512, q_offset=0, block_size=64, kv_block=64, segment_size=64)
     order = identity_key_order(k)
     excess = {}  # the far block's score above the other full blocks of the query block's row
     for weight in (0.0, 1.0):
@@ -108,7 +108,8 @@ def test_peak_estimate_keeps_one_strong_pair_that_the_mean_dilutes():
 def test_scores_with_narrower_key_blocks_sum_finer_tiles():
     q, k = torch.randn(1, 2, 1000, 16), torch.randn(1, 1, 1000, 16)
     order = identity_key_order(k)
-    wide, narrow = BlockLayout(1000, 1000, 0, 128, 128), BlockLayout(1000, 1000, 0, 128, 128, 64)
+    wide = BlockLayout(q_len=1000, kv_len=1000, q_offset=0, block_size=128, kv_block=128, segment_size=128)
+    narrow = BlockLayout(q_len=1000, kv_len=1000, q_offset=0, block_size=128, kv_block=64, segment_size=128)
     for weight in (0.0, 0.5):
         scores = antidiagonal_block_scores(q, k, order, narrow, 8, 0.25, peak_weight=weight)
         assert scores.shape == (1, 2, 8, 16)

@@ -61,7 +61,7 @@ def test_row_chunking_is_exact(monkeypatch):
 def test_forced_local_blocks_precede_the_diagonal_segment():
     from flex_pbs.engine.layout import BlockLayout
 
-    layout = BlockLayout(1024, 1024, 0, 128, 256)
+    layout = BlockLayout(q_len=1024, kv_len=1024, q_offset=0, block_size=128, kv_block=128, segment_size=256)
     local = layout.preceding_blocks(2, torch.device("cpu"))
     # Query blocks 4 and 5 (segment 2, key blocks 4-5) get key blocks 2 and 3.
     assert local[4].nonzero().flatten().tolist() == [2, 3] and local[5].nonzero().flatten().tolist() == [2, 3]

@@ -126,11 +126,12 @@ class PBSConfig:
                 f"PBSConfig.segment_size ({self.segment_size}) must be a multiple of "
                 f"block_size ({self.block_size})"
             )
+        key_block = self.key_block_size or self.block_size
         _require_int("stride", self.stride, 1)
-        if self.block_size % self.stride or self.kv_block % self.stride:
+        if self.block_size % self.stride or key_block % self.stride:
             raise ValueError(
                 f"PBSConfig.stride ({self.stride}) must divide block_size ({self.block_size}) "
-                f"and key_block_size ({self.kv_block})"
+                f"and key_block_size ({key_block})"
             )
         _require_fraction("threshold", self.threshold)
         _require_fraction("max_density", self.max_density, allow_none=True)
@@ -142,10 +143,10 @@ class PBSConfig:
             raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.permute not in PERMUTES:
             raise ValueError(f"PBSConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
-        if self.permute != "none" and self.segment_size < 2 * self.kv_block:
+        if self.permute != "none" and self.segment_size < 2 * key_block:
             raise ValueError(
                 f"PBSConfig(permute={self.permute!r}) needs segment_size >= 2 * key_block_size "
-                f"(got {self.segment_size} with key blocks of {self.kv_block}): keys sorted inside "
+                f"(got {self.segment_size} with key blocks of {key_block}): keys sorted inside "
                 f"one block stay in that block; the paper uses segment_size=256 with 128-blocks"
             )
         for flag in ("force_sink", "scoring_fp8", "threshold_counts_forced"):
@@ -170,14 +171,9 @@ class PBSConfig:
         """A copy with some fields changed (validated like the constructor)."""
         return PBSConfig.from_dict({**dataclasses.asdict(self), **changes})
 
-    @property
-    def kv_block(self) -> int:
-        """Tokens per key block: ``key_block_size``, or ``block_size`` when unset."""
-        return self.key_block_size or self.block_size
-
     def is_dense_for(self, kv_len: int) -> bool:
         """Whether a sequence of ``kv_len`` keys falls back to dense attention: below
         ``dense_below``, or when the diagonal segment and the local window already cover every
         causal block (at most ``segment_size + force_local_blocks * key_block_size`` keys)."""
-        forced_span = self.segment_size + self.force_local_blocks * self.kv_block
+        forced_span = self.segment_size + self.force_local_blocks * (self.key_block_size or self.block_size)
         return kv_len <= forced_span or kv_len < self.dense_below

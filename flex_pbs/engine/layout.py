@@ -9,8 +9,12 @@ the original key in it, and "earlier segment" is a causal statement that survive
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from flex_pbs.engine.config import PBSConfig
 
 
 # Original position given to padding key slots: later than any query, exact as a float (F.pad
@@ -22,24 +26,47 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlockLayout:
-    """Sizes and positions of a (query, key) problem cut into blocks and segments.
+    """Sizes and positions of one (query, key) problem cut into blocks and segments: the one
+    carrier of block geometry. Every stage and kernel reads its geometry from here; build it
+    with :meth:`from_config`.
 
-    ``block_size`` tokens per query block; ``key_block_size`` per key block (``None``: the same).
+    Attributes:
+        q_len: queries ``Lq``; kv_len: keys ``Lk``; q_offset: position of the first query
+            among the keys (``Lk - Lq``).
+        block_size: queries per block (FlexAttention's query tile); kv_block: keys per block.
+        segment_size: keys per segment (keys are permuted only inside complete segments).
     """
 
     q_len: int
     kv_len: int
     q_offset: int
     block_size: int
+    kv_block: int
     segment_size: int
-    key_block_size: int | None = None
 
-    @property
-    def kv_block(self) -> int:
-        """Tokens per key block."""
-        return self.key_block_size or self.block_size
+    def __post_init__(self) -> None:
+        minimums = {"q_len": 0, "kv_len": 0, "q_offset": 0, "block_size": 1, "kv_block": 1, "segment_size": 1}
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"BlockLayout.{name} must be an int >= {minimum}, got {value!r}")
+        if self.q_offset + self.q_len != self.kv_len:
+            raise ValueError(f"BlockLayout: q_offset ({self.q_offset}) + q_len ({self.q_len}) must equal kv_len ({self.kv_len})")
+        if self.segment_size % self.block_size or self.segment_size % self.kv_block:
+            raise ValueError(
+                f"BlockLayout.segment_size ({self.segment_size}) must be a multiple of the query block "
+                f"({self.block_size}) and of the key block ({self.kv_block})"
+            )
+
+    @classmethod
+    def from_config(cls, config: PBSConfig, q_len: int, kv_len: int, q_offset: int = 0) -> BlockLayout:
+        """The geometry of ``config`` for ``q_len`` queries at the end of ``kv_len`` keys."""
+        return cls(
+            q_len=q_len, kv_len=kv_len, q_offset=q_offset, block_size=config.block_size,
+            kv_block=config.key_block_size or config.block_size, segment_size=config.segment_size,
+        )
 
     @property
     def num_q_blocks(self) -> int:

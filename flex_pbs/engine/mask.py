@@ -1,4 +1,4 @@
-"""Stage 4, build: a FlexAttention ``BlockMask`` straight from block-level tensors.
+"""Stage 4, mask: a FlexAttention ``BlockMask`` straight from block-level tensors.
 
 No L×L tensor and no ``create_block_mask`` call: selected blocks outside the diagonal segment
 are *full* blocks (no mask_mod cost); diagonal-segment blocks are *partial* blocks whose
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from flex_pbs.engine.attend import bucket_length
 from flex_pbs.engine.layout import PAST_ANY_QUERY, BlockLayout
 
 # Inference never needs the transposed (query-major) indices; older torch always builds them.
@@ -105,3 +106,16 @@ def build_flex_mask(
         seq_lengths=(q_len, kv_len),
         **_SKIP_Q_BLOCKS,
     )
+
+
+def build_stage(
+    indices: MaskIndices, key_order: torch.Tensor, layout: BlockLayout, permuted: bool = True
+) -> BlockMask:
+    """Stage 4: the BlockMask, at the length the compiled kernel runs at on this device
+    (``permuted=False``: keys in original order, the mask needs no per-key tensor)."""
+    device_type = key_order.device.type
+    kernel_lengths = (
+        bucket_length(layout.q_len, layout.block_size, device_type),
+        bucket_length(layout.kv_len, layout.kv_block, device_type),
+    )
+    return build_flex_mask(indices, key_order if permuted else None, layout, kernel_lengths)

@@ -1,8 +1,16 @@
-"""Stage 1, permute: sort keys inside segments by their importance to the last query block."""
+"""Stage 1, permute: sort keys inside segments by their importance to the last query block.
+
+``permute_stage`` runs importance -> sort -> gather; the plain-torch functions below are the
+reference of the fused kernels (``kernels.importance``, ``kernels.gather``).
+"""
 
 from __future__ import annotations
 
 import torch
+
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.kernels import use_fused
+from flex_pbs.engine.layout import BlockLayout
 
 # Keys per chunk when computing importance: bounds memory to G * block_size * chunk floats.
 _IMPORTANCE_KEY_CHUNK = 16384
@@ -74,3 +82,34 @@ def identity_key_order(k: torch.Tensor) -> torch.Tensor:
 def permute_keys(x: torch.Tensor, key_order: torch.Tensor) -> torch.Tensor:
     """Gather keys (or values) into the permuted layout: ``[B, Hkv, Lk, D]`` -> same shape."""
     return torch.gather(x, 2, key_order[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def importance_stage(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: PBSConfig, scale: float) -> torch.Tensor:
+    """Each key's attention from the last query block: float32 ``[B, Hkv, Lk]``."""
+    if use_fused(q, config.backend):
+        from flex_pbs.engine.kernels import importance
+
+        if importance.supports(q):
+            return importance.key_importance_fused(q, k, layout.block_size, scale, layout.q_offset)
+    return key_importance(q, k, layout.block_size, scale, layout.q_offset)
+
+
+def gather_stage(x: torch.Tensor, key_order: torch.Tensor, config: PBSConfig) -> torch.Tensor:
+    """Keys or values ``[B, Hkv, Lk, D]`` into the permuted layout (same shape)."""
+    if use_fused(x, config.backend):
+        from flex_pbs.engine.kernels import gather
+
+        if gather.supports(x):
+            return gather.permute_keys_fused(x, key_order)
+    return permute_keys(x, key_order)
+
+
+def permute_stage(
+    q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, config: PBSConfig, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: ``(key_order long [B, Hkv, Lk], k_perm [B, Hkv, Lk, D])``: importance, then a
+    sort inside each segment, then the gather (``config.permute == "none"``: the identity)."""
+    if config.permute == "none":
+        return identity_key_order(k), k
+    key_order = segment_key_order(importance_stage(q, k, layout, config, scale), layout.segment_size)
+    return key_order, gather_stage(k, key_order, config)

@@ -1,8 +1,10 @@
-"""`pbs_attention`: permute → score → select → build BlockMask → attend → restore order.
+"""`pbs_attention`: permute → score → select → BlockMask → attend → restore order.
 
-Only keys (and values with them) are permuted, so the output is already in the caller's query
-order: the "restore order" stage is the identity, and exactness of the diagonal segment comes
-from the mask_mod comparing original key positions.
+Each stage is a function of its own module (``permute``, ``score``, ``select``, ``mask``,
+``attend``) reading its geometry from one :class:`~flex_pbs.engine.layout.BlockLayout`. Only
+keys (and values with them) are permuted, so the output is already in the caller's query order:
+the "restore order" stage is the identity, and exactness of the diagonal segment comes from the
+mask_mod comparing original key positions.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from flex_pbs.engine.attend import flex_attend
 from flex_pbs.engine.config import PBSConfig
-from flex_pbs.engine.attend import bucket_length, flex_attend
-from flex_pbs.engine.mask import MaskIndices, build_flex_mask, selection_indices
 from flex_pbs.engine.layout import BlockLayout
-from flex_pbs.engine.permute import identity_key_order, key_importance, permute_keys, segment_key_order
-from flex_pbs.engine.score import estimate_block_scores
-from flex_pbs.engine.select import forced_blocks, select_blocks
+from flex_pbs.engine.mask import build_stage
+from flex_pbs.engine.permute import gather_stage, identity_key_order, permute_stage
+from flex_pbs.engine.score import score_stage
+from flex_pbs.engine.select import select_stage
 
 
 @dataclass(frozen=True)
@@ -156,113 +158,14 @@ def _dense_plan(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> PBSPla
     )
 
 
-def _fused(q: torch.Tensor, config: PBSConfig) -> bool:
-    """Whether the planning stages run as Triton kernels (default: on CUDA, if installed)."""
-    if config.backend != "auto":
-        return config.backend == "triton"
-    from flex_pbs.engine.kernels import triton_available
-
-    return q.is_cuda and triton_available()
-
-
-def importance_stage(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int) -> torch.Tensor:
-    """Stage 1a: each key's attention from the last query block, float32 ``[B, Hkv, Lk]``."""
-    if _fused(q, config):
-        from flex_pbs.engine.kernels import importance
-
-        if importance.supports(q):
-            return importance.key_importance_fused(q, k, config.block_size, scale, q_offset)
-    return key_importance(q, k, config.block_size, scale, q_offset)
-
-
-def gather_stage(x: torch.Tensor, key_order: torch.Tensor, config: PBSConfig) -> torch.Tensor:
-    """Stage 1c: keys or values ``[B, Hkv, Lk, D]`` into the permuted layout (same shape)."""
-    if _fused(x, config):
-        from flex_pbs.engine.kernels import gather
-
-        if gather.supports(x):
-            return gather.permute_keys_fused(x, key_order)
-    return permute_keys(x, key_order)
-
-
-def permute_stage(
-    q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1: ``(key_order long [B, Hkv, Lk], k_perm [B, Hkv, Lk, D])``: importance, then a
-    sort inside each segment, then the gather."""
-    if config.permute == "none":
-        return identity_key_order(k), k
-    key_order = segment_key_order(importance_stage(q, k, config, scale, q_offset), config.segment_size)
-    return key_order, gather_stage(k, key_order, config)
-
-
-def score_stage(
-    q: torch.Tensor,
-    k_perm: torch.Tensor,
-    key_order: torch.Tensor,
-    layout: BlockLayout,
-    config: PBSConfig,
-    scale: float,
-) -> torch.Tensor:
-    """Stage 2: float32 block scores ``[B, Hq, nQ, nK]``."""
-    if config.scoring == "antidiagonal" and _fused(q, config):
-        from flex_pbs.engine.kernels import antidiagonal
-
-        if antidiagonal.supports(q, config.block_size, config.stride, config.kv_block,
-                                 fp8=config.scoring_fp8, peak=config.peak_weight > 0):
-            return antidiagonal.antidiagonal_block_scores_fused(
-                q, k_perm, key_order, layout, config.stride, scale,
-                fp8=config.scoring_fp8, peak_weight=config.peak_weight,
-            )
-    return estimate_block_scores(q, k_perm, key_order, layout, config, scale)
-
-
-def select_stage(
-    scores: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig
-) -> tuple[torch.Tensor, MaskIndices]:
-    """Stage 3: ``(selected bool [B, Hq, nQ, nK], indices)``, ``indices`` being FlexAttention's
-    block lists of the selection."""
-    if _fused(scores, config):
-        from flex_pbs.engine.kernels.select_index import select_and_index_fused
-
-        return select_and_index_fused(scores, key_order, layout, config)
-    causal = layout.causal_blocks(key_order)
-    group = scores.shape[1] // key_order.shape[1]
-    forced = forced_blocks(key_order, layout, config).expand_as(causal)
-    selected = select_blocks(
-        scores,
-        candidates=causal.repeat_interleave(group, dim=1),
-        forced=forced.repeat_interleave(group, dim=1),
-        threshold=config.threshold,
-        max_density=config.max_density,
-        counts_forced=config.threshold_counts_forced,
-    )
-    return selected, selection_indices(selected, layout.diagonal_blocks(scores.device))
-
-
-def build_stage(
-    indices: MaskIndices, key_order: torch.Tensor, layout: BlockLayout, permuted: bool = True
-) -> BlockMask:
-    """Stage 4: the BlockMask, at the length the compiled kernel runs at on this device
-    (``permuted=False``: keys in original order, the mask needs no per-key tensor)."""
-    device_type = key_order.device.type
-    kernel_lengths = (
-        bucket_length(layout.q_len, layout.block_size, device_type),
-        bucket_length(layout.kv_len, layout.kv_block, device_type),
-    )
-    return build_flex_mask(indices, key_order if permuted else None, layout, kernel_lengths)
-
-
 def _plan_with_keys(
     q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
 ) -> tuple[PBSPlan, torch.Tensor]:
     """The plan and the permuted keys (so that attention does not gather them twice)."""
-    layout = BlockLayout(
-        q.shape[2], k.shape[2], q_offset, config.block_size, config.segment_size, config.key_block_size
-    )
+    layout = BlockLayout.from_config(config, q.shape[2], k.shape[2], q_offset)
     if config.is_dense_for(k.shape[2]):
         return _dense_plan(q, k, layout), k
-    key_order, k_perm = permute_stage(q, k, config, scale, q_offset)
+    key_order, k_perm = permute_stage(q, k, layout, config, scale)
     scores = score_stage(q, k_perm, key_order, layout, config, scale)
     selected, indices = select_stage(scores, key_order, layout, config)
     flex_mask = build_stage(indices, key_order, layout, permuted=config.permute != "none")
@@ -327,7 +230,7 @@ def pbs_attention(
     if plan.dense:
         out = dense_causal_attention(q, k, v, scale, q_offset)
         return (out, plan) if return_plan else out
-    v_perm = v if config.permute == "none" else gather_stage(v, plan.key_order, config)
+    v_perm = v if config.permute == "none" else gather_stage(v, plan.key_order, config)  # values follow keys
     flex_mask = plan.flex_mask
     if not return_plan:
         del plan  # block scores and masks are not needed while attending

@@ -1,6 +1,7 @@
 """Stage 2, score: estimate the attention mass of every (query block, key block) pair.
 
-Both scorers work on the permuted key layout and return float32 ``[B, Hq, nQ, nK]``.
+Every scorer works on the permuted key layout and returns float32 ``[B, Hq, nQ, nK]``;
+:data:`SCORERS` maps ``PBSConfig.scoring`` to one, and ``score_stage`` runs it.
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import Callable
+
 from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.kernels import use_fused
 from flex_pbs.engine.layout import PAST_ANY_QUERY, BlockLayout, block_min_position, cdiv
 
 
@@ -147,7 +151,33 @@ def oracle_block_scores(
     return torch.stack(scores, dim=3).reshape(batch, q_heads, n_q, n_k)
 
 
-def estimate_block_scores(
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockLayout, PBSConfig, float], torch.Tensor]
+
+
+def _antidiagonal(q, k_perm, key_order, layout, config, scale):
+    if use_fused(q, config.backend):
+        from flex_pbs.engine.kernels import antidiagonal
+
+        if antidiagonal.supports(q, layout, config.stride, fp8=config.scoring_fp8, peak=config.peak_weight > 0):
+            return antidiagonal.antidiagonal_block_scores_fused(
+                q, k_perm, key_order, layout, config.stride, scale,
+                fp8=config.scoring_fp8, peak_weight=config.peak_weight,
+            )
+    return antidiagonal_block_scores(
+        q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk, config.peak_weight
+    )
+
+
+# ``PBSConfig.scoring`` -> scorer ``(q, k_perm, key_order, layout, config, scale)``; the
+# antidiagonal one runs the fused kernel where it applies.
+SCORERS: dict[str, Scorer] = {
+    "antidiagonal": _antidiagonal,
+    "mean": lambda q, k_perm, key_order, layout, config, scale: mean_pool_block_scores(q, k_perm, layout, scale),
+    "oracle": lambda q, k_perm, key_order, layout, config, scale: oracle_block_scores(q, k_perm, key_order, layout, scale),
+}
+
+
+def score_stage(
     q: torch.Tensor,
     k_perm: torch.Tensor,
     key_order: torch.Tensor,
@@ -155,11 +185,5 @@ def estimate_block_scores(
     config: PBSConfig,
     scale: float,
 ) -> torch.Tensor:
-    """The configured scorer in plain torch: float32 ``[B, Hq, nQ, nK]``."""
-    if config.scoring == "antidiagonal":
-        return antidiagonal_block_scores(
-            q, k_perm, key_order, layout, config.stride, scale, config.scoring_chunk, config.peak_weight
-        )
-    if config.scoring == "mean":
-        return mean_pool_block_scores(q, k_perm, layout, scale)
-    return oracle_block_scores(q, k_perm, key_order, layout, scale)
+    """Stage 2: the configured scorer's float32 block scores ``[B, Hq, nQ, nK]``."""
+    return SCORERS[config.scoring](q, k_perm, key_order, layout, config, scale)

@@ -1,4 +1,8 @@
-"""Stage 3, select: the fewest blocks per query-block row that reach the score threshold."""
+"""Stage 3, select: the fewest blocks per query-block row that reach the score threshold.
+
+``select_stage`` returns the selection and FlexAttention's index lists of it (the fused kernel
+``kernels.select_index`` computes both at once on CUDA).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import math
 import torch
 
 from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.kernels import use_fused
 from flex_pbs.engine.layout import BlockLayout
+from flex_pbs.engine.mask import MaskIndices, selection_indices
 
 # Rows of blocks selected at once: bounds the sort's temporaries to about this many elements.
 _SELECT_CHUNK_ELEMENTS = 1 << 24
@@ -98,3 +104,26 @@ def forced_blocks(key_order: torch.Tensor, layout: BlockLayout, config: PBSConfi
     if config.force_sink:
         forced = forced | sink_blocks(key_order, layout)
     return forced
+
+
+def select_stage(
+    scores: torch.Tensor, key_order: torch.Tensor, layout: BlockLayout, config: PBSConfig
+) -> tuple[torch.Tensor, MaskIndices]:
+    """Stage 3: ``(selected bool [B, Hq, nQ, nK], indices)``, ``indices`` being FlexAttention's
+    block lists of the selection."""
+    if use_fused(scores, config.backend):
+        from flex_pbs.engine.kernels.select_index import select_and_index_fused
+
+        return select_and_index_fused(scores, key_order, layout, config)
+    causal = layout.causal_blocks(key_order)
+    group = scores.shape[1] // key_order.shape[1]
+    forced = forced_blocks(key_order, layout, config).expand_as(causal)
+    selected = select_blocks(
+        scores,
+        candidates=causal.repeat_interleave(group, dim=1),
+        forced=forced.repeat_interleave(group, dim=1),
+        threshold=config.threshold,
+        max_density=config.max_density,
+        counts_forced=config.threshold_counts_forced,
+    )
+    return selected, selection_indices(selected, layout.diagonal_blocks(scores.device))

@@ -15,6 +15,15 @@ def triton_available() -> bool:
     return find_spec("triton") is not None
 
 
+def use_fused(x: torch.Tensor, backend: str) -> bool:
+    """Whether a planning stage runs its Triton kernel for ``x``: ``backend="auto"`` on CUDA
+    when Triton is installed, ``"triton"`` always (on CPU under ``TRITON_INTERPRET=1``),
+    ``"torch"`` never."""
+    if backend != "auto":
+        return backend == "triton"
+    return x.is_cuda and triton_available()
+
+
 @lru_cache(maxsize=None)
 def _cuda_shared_memory(index: int) -> int:
     properties = torch.cuda.get_device_properties(index)

@@ -270,14 +270,11 @@ def _antidiagonal_kernel(
             )
 
 
-def supports(
-    q: torch.Tensor, block_size: int, stride: int, key_block_size: int | None = None, *, fp8: bool = False,
-    peak: bool = False,
-) -> bool:
+def supports(q: torch.Tensor, layout: BlockLayout, stride: int, *, fp8: bool = False, peak: bool = False) -> bool:
     """Whether the fused kernel handles this shape: power-of-two tiles of at most 256 rows, and
     tiles that fit the device's shared memory (fp32 at head_dim 256 does not: torch scores it)."""
     dim = q.shape[-1]
-    rows = (block_size // stride, (key_block_size or block_size) // stride)
+    rows = (layout.block_size // stride, layout.kv_block // stride)
     return (
         all(4 <= r <= 256 and r & (r - 1) == 0 for r in rows) and dim >= 16 and dim & (dim - 1) == 0
         and _launch_options(1 if fp8 else q.element_size(), peak, dim, rows[1], shared_memory(q.device)) is not None
