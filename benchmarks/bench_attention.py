@@ -37,16 +37,21 @@ from torch.nn.attention.flex_attention import BlockMask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
-from flex_pbs.engine.mask import build_stage  # noqa: E402
-from flex_pbs.engine.permute import gather_stage, importance_stage, permute_stage  # noqa: E402
-from flex_pbs.engine.score import score_stage  # noqa: E402
-from flex_pbs.engine.select import select_stage  # noqa: E402
+from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks  # noqa: E402
+from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
 from flex_pbs.engine.attend import flex_attend  # noqa: E402
 from flex_pbs.engine.layout import BlockLayout  # noqa: E402
+from flex_pbs.engine.mask import build_stage  # noqa: E402
 from flex_pbs.engine.methods import method_config  # noqa: E402
-from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks  # noqa: E402
-from flex_pbs.engine.permute import permute_keys, segment_key_order  # noqa: E402
-from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
+from flex_pbs.engine.permute import (  # noqa: E402  # noqa: E402
+    gather_stage,
+    importance_stage,
+    permute_keys,
+    permute_stage,
+    segment_key_order,
+)
+from flex_pbs.engine.score import score_stage  # noqa: E402
+from flex_pbs.engine.select import select_stage  # noqa: E402
 
 
 def bench_ms(fn, rep_ms: int = 200) -> float:

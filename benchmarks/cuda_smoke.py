@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
-from flex_pbs.engine.methods import METHODS  # noqa: E402
 from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
+from flex_pbs.engine.methods import METHODS  # noqa: E402
 
 # Error allowed beyond twice SDPA's own (against a float64 reference), about a unit roundoff
 # of the dtype: reductions in a different order may differ by that much, a wrong key not.
@@ -148,9 +148,8 @@ def shared_index_buffer(length: int, **config: object) -> dict:
     """Attention from the fused selection's index lists (overlapping views of one buffer,
     narrower than the key blocks under a ``max_density`` budget) equals attention from
     separate torch lists of the same selection."""
-    from flex_pbs.engine.mask import build_stage
     from flex_pbs.engine.attend import flex_attend
-    from flex_pbs.engine.mask import selection_indices
+    from flex_pbs.engine.mask import build_stage, selection_indices
 
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=4)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))

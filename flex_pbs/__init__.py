@@ -4,8 +4,8 @@ The core (``PBSConfig``, ``pbs_attention``, ``build_plan``) needs only torch. Th
 adapter (``register``, ``unregister``, ``apply``, ``stats``) is imported on first use.
 """
 
-from flex_pbs.engine.pipeline import PBSPlan, build_plan, pbs_attention
 from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.pipeline import PBSPlan, build_plan, pbs_attention
 
 __all__ = ["PBSConfig", "PBSPlan", "build_plan", "pbs_attention", "register", "unregister", "apply", "stats"]
 __version__ = "0.1.0"

@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from conftest import random_qkv, rel_error
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention
-from flex_pbs.engine.pipeline import dense_causal_attention
-from flex_pbs.engine.methods import METHODS
 from flex_pbs.analysis.synthetic import planted_qkv
+from flex_pbs.engine.methods import METHODS
+from flex_pbs.engine.pipeline import dense_causal_attention
 
 
 def sdpa(q, k, v):

@@ -16,8 +16,8 @@ from flex_pbs.analysis.calibration import (
 )
 from flex_pbs.integrations import transformers as adapter
 from flex_pbs.integrations.layer_thresholds import load_layer_thresholds
-from flex_pbs.runner.models import random_model, tiny_config
 from flex_pbs.runner import calibrate
+from flex_pbs.runner.models import random_model, tiny_config
 from flex_pbs.runner.session import byte_tokenizer
 
 

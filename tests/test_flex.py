@@ -130,10 +130,9 @@ def test_fully_masked_row_guard_is_skipped_only_where_every_first_tile_sees_a_ke
     is safe only when every row's first visited tile holds a key it may see. That holds in
     original key order; a permuted diagonal segment breaks it at segment-start rows. Every
     named method must ask for the guard exactly when it needs it."""
-    from flex_pbs.engine.methods import METHODS
-    from flex_pbs.analysis.synthetic import planted_qkv
-
     import flex_pbs.engine.pipeline as attention
+    from flex_pbs.analysis.synthetic import planted_qkv
+    from flex_pbs.engine.methods import METHODS
 
     passed = {}
     real_flex_attend = attention.flex_attend

@@ -224,7 +224,10 @@ def test_shapes_the_kernels_cannot_tile_fall_back_to_torch():
 
 def test_scorer_tiles_are_the_measured_ones_where_they_fit_and_shrink_elsewhere():
     from flex_pbs.engine.kernels import HOPPER_SHARED_MEMORY
-    from flex_pbs.engine.kernels.antidiagonal import _launch_options, _shared_memory_needed
+    from flex_pbs.engine.kernels.antidiagonal import (
+        _launch_options,
+        _shared_memory_needed,
+    )
 
     measured = {(2, False): (256, 8, 2), (1, False): (256, 8, 3), (4, False): (64, 8, 2), (2, True): (128, 8, 2)}
     for (itemsize, peak), options in measured.items():  # head_dim 128, 16 key slots per block

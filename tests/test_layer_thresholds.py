@@ -2,7 +2,11 @@ import json
 
 import pytest
 
-from flex_pbs.integrations.layer_thresholds import check_layer_thresholds, load_layer_thresholds, save_layer_thresholds
+from flex_pbs.integrations.layer_thresholds import (
+    check_layer_thresholds,
+    load_layer_thresholds,
+    save_layer_thresholds,
+)
 
 
 def test_round_trip_keeps_thresholds_and_notes(tmp_path):

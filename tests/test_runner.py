@@ -17,11 +17,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 import flex_pbs.runner.models
 from flex_pbs import PBSConfig
-from flex_pbs.integrations.layer_thresholds import save_layer_thresholds
 from flex_pbs.engine.methods import METHODS, method_config
+from flex_pbs.integrations.layer_thresholds import save_layer_thresholds
 from flex_pbs.runner import session
+from flex_pbs.runner.checks import ConfigError
 from flex_pbs.runner.job import run_job
-from flex_pbs.runner.schema import ConfigError, MethodConfig, validate
+from flex_pbs.runner.schema import MethodConfig, validate
 from flex_pbs.runner.sweep import summarize
 
 REPO = Path(__file__).parents[1]
@@ -264,63 +265,6 @@ def test_sweep_lines_split_on_engine_fields_other_than_the_threshold():
     }
     texts = [{**row("pbs", 0.9, 4, 0.25), "text": text} for text in ("code", "prose")]
     assert set(curves(texts)) == {"pbs, code", "pbs, prose"}
-
-
-def test_experimental_attention_runs_a_function_of_ones_own_and_cleans_up():
-    """An experiment's attention function sees flex_pbs's compact mask; outputs equal SDPA's when
-    it computes exact attention; the model is back on SDPA and the name unregistered afterwards."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AttentionInterface
-
-    from flex_pbs.integrations.transformers import PBSMask
-
-    model = flex_pbs.runner.models.random_model(flex_pbs.runner.models.tiny_config("llama"))
-    run = session.Session(model, None, random_weights=True, device="cpu")
-    ids = torch.randint(0, model.config.vocab_size, (1, 96))
-    seen = []
-
-    def exact(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        seen.append(attention_mask)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-
-    with torch.no_grad():
-        reference = model(ids).logits
-        with session.experimental_attention(run, "test_experiment", exact):
-            logits = model(ids).logits
-        after = model(ids).logits
-    assert len(seen) == model.config.num_hidden_layers
-    assert all(isinstance(mask, PBSMask) and mask.causal for mask in seen)
-    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)  # fp32: same kernels, same order
-    torch.testing.assert_close(after, reference, rtol=0, atol=0)
-    assert model.config._attn_implementation == "sdpa"
-    assert "test_experiment" not in AttentionInterface._global_mapping
-
-
-def test_whole_prefill_scale_checks_what_experiments_handle():
-    """Experiment attention functions run unpadded causal prefill from position 0 over whole blocks:
-    anything else fails with a message; otherwise the scale is the given one or 1/sqrt(D)."""
-    import torch
-
-    from flex_pbs.integrations.transformers import PBSMask
-
-    query = torch.zeros(1, 2, 256, 64)
-    prefill = PBSMask(None, 256, 0, 256, True)
-    assert session.whole_prefill_scale(prefill, query, 128, None) == 0.125
-    assert session.whole_prefill_scale(prefill, query, 128, 0.3) == 0.3
-    refused = {
-        "no PBSMask": None,
-        "padded": PBSMask(torch.ones(1, 256, dtype=torch.bool), 256, 0, 256, True),
-        "not causal": PBSMask(None, 256, 0, 256, False),
-    }
-    for mask in refused.values():
-        with pytest.raises(ValueError, match="unpadded causal prefill"):
-            session.whole_prefill_scale(mask, query, 128, None)
-    with pytest.raises(ValueError, match="position 0"):
-        session.whole_prefill_scale(PBSMask(None, 256, 128, 384, True), query, 128, None)
-    with pytest.raises(ValueError, match="multiple of the block size"):
-        session.whole_prefill_scale(prefill, query, 96, None)
 
 
 @pytest.mark.parametrize("sweep", ["pareto", "table", "presets"])

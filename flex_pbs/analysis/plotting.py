@@ -19,10 +19,10 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm
 from matplotlib.figure import Figure
 
-from flex_pbs.engine.pipeline import PBSPlan, build_plan
+from flex_pbs.analysis.metrics import attention_recall
 from flex_pbs.engine.layout import cdiv
 from flex_pbs.engine.methods import METHODS, method_config
-from flex_pbs.analysis.metrics import attention_recall
+from flex_pbs.engine.pipeline import PBSPlan, build_plan
 
 POOLINGS = ("max", "sum")
 # Attention probabilities held at once while pooling a heatmap (elements): bounds its memory.

@@ -6,10 +6,10 @@ Every scorer works on the permuted key layout and returns float32 ``[B, Hq, nQ, 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
-
-from typing import Callable
 
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.kernels import use_fused

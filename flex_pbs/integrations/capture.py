@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import sdpa_mask
+
+from flex_pbs.integrations.registry import attention_registered
 
 _CAPTURE_NAME = "flex_pbs_capture"
 
@@ -37,16 +38,13 @@ def capture_qkv(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     previous = model.config._attn_implementation
-    AttentionInterface.register(_CAPTURE_NAME, recording_attention)
-    AttentionMaskInterface.register(_CAPTURE_NAME, sdpa_mask)
-    try:
-        model.set_attn_implementation(_CAPTURE_NAME)
-        with torch.no_grad():
-            model(input_ids)
-    finally:
-        model.set_attn_implementation(previous)
-        AttentionInterface._global_mapping.pop(_CAPTURE_NAME, None)
-        AttentionMaskInterface._global_mapping.pop(_CAPTURE_NAME, None)
+    with attention_registered(_CAPTURE_NAME, recording_attention, sdpa_mask):
+        try:
+            model.set_attn_implementation(_CAPTURE_NAME)
+            with torch.no_grad():
+                model(input_ids)
+        finally:
+            model.set_attn_implementation(previous)
     if wanted is not None and wanted - set(captured):
         raise ValueError(f"layers {sorted(wanted - set(captured))} were not seen; the model has {len(captured)} attention calls")
     if not captured:

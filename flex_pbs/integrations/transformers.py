@@ -24,18 +24,20 @@ from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.masking_utils import (
-    AttentionMaskInterface,
     causal_mask_function,
     prepare_padding_mask,
     sdpa_mask,
 )
 
-from flex_pbs.engine.pipeline import PBSPlan, pbs_attention
-from flex_pbs.engine.config import PBSConfig
-from flex_pbs.integrations.layer_thresholds import check_layer_thresholds, load_layer_thresholds
 from flex_pbs.analysis.metrics import attention_recall
+from flex_pbs.engine.config import PBSConfig
+from flex_pbs.engine.pipeline import PBSPlan, pbs_attention
+from flex_pbs.integrations.layer_thresholds import (
+    check_layer_thresholds,
+    load_layer_thresholds,
+)
+from flex_pbs.integrations.registry import add_attention, remove_attention
 
 DEFAULT_NAME = "flex_pbs"
 _BUILT_IN = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}
@@ -181,8 +183,7 @@ def register(
     else:
         thresholds = check_layer_thresholds(layer_thresholds or {})
     registration = PBSRegistration(name, config, dense, thresholds, collect_stats, stats_recall)
-    AttentionInterface.register(name, registration)
-    AttentionMaskInterface.register(name, pbs_mask)
+    add_attention(name, registration, pbs_mask)
     _REGISTRY[name] = registration
     return registration
 
@@ -192,8 +193,7 @@ def unregister(name: str = DEFAULT_NAME) -> None:
     if name not in _REGISTRY:
         raise KeyError(f"attention {name!r} is not registered by flex_pbs")
     del _REGISTRY[name]
-    AttentionInterface._global_mapping.pop(name, None)
-    AttentionMaskInterface._global_mapping.pop(name, None)
+    remove_attention(name)
 
 
 def registration(name: str = DEFAULT_NAME) -> PBSRegistration:

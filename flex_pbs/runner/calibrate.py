@@ -23,9 +23,9 @@ from flex_pbs.analysis.calibration import (
     measurement_records,
     measurements_from_records,
 )
-from flex_pbs.runner.data import TEXTS, token_ids
-from flex_pbs.integrations.layer_thresholds import FORMAT, save_layer_thresholds
 from flex_pbs.engine.methods import METHODS, method_config
+from flex_pbs.integrations.layer_thresholds import FORMAT, save_layer_thresholds
+from flex_pbs.runner.data import TEXTS, token_ids
 from flex_pbs.runner.report import Column, format_table
 
 DEFAULT_THRESHOLDS = (0.7, 0.8, 0.9, 0.97)

@@ -15,7 +15,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from flex_pbs.runner.job import run_job  # importing the runner registers its structured configs
+from flex_pbs.runner.job import (
+    run_job,  # importing the runner registers its structured configs
+)
 
 
 @hydra.main(version_base=None, config_path="pkg://flex_pbs.configs", config_name="config")

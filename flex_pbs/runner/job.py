@@ -26,7 +26,7 @@ def run_job(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> di
     """
     spec = validate(cfg)
     session = load_session(spec)
-    result, plot = TASKS[spec.task.name](spec, session)
+    result, plot = TASKS[spec.task.name].run(spec, session)
     payload = {
         "task": result.task,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -18,26 +18,24 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from flex_pbs.engine.config import PBSConfig
-from flex_pbs.runner.data import TEXTS
-from flex_pbs.integrations.layer_thresholds import load_layer_thresholds
 from flex_pbs.engine.methods import METHODS, method_config
+from flex_pbs.integrations.layer_thresholds import load_layer_thresholds
+from flex_pbs.runner.checks import ConfigError, non_negative_int, positive_int, require
+from flex_pbs.runner.data import TEXTS
 from flex_pbs.runner.models import TINY_ARCHITECTURES
+from flex_pbs.runner.tasks import TASKS
 
 MODEL_SOURCES = ("smollm2", "tiny", "llama8b")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEMA_NAME = "run_schema"
 TASK_SCHEMA_PREFIX = "task_schema_"
-
-
-class ConfigError(ValueError):
-    """An invalid run configuration; the message starts with the offending key."""
 
 
 # ------------------------------------------------------------------------------- the schema
@@ -79,56 +77,6 @@ class ModelConfig:
 
 
 @dataclass
-class PerplexityTask:
-    """Perplexity of the whole sequence and of its last ``tail_tokens`` predictions, with a few
-    passkey trials at the same length."""
-
-    name: str = MISSING
-    tail_tokens: int = MISSING
-    recall: bool = MISSING
-    passkey_trials: int = MISSING
-    passkey_new_tokens: int = MISSING
-    timed: bool = MISSING
-
-
-@dataclass
-class PasskeyTask:
-    """Passkey retrieval accuracy per context length and needle depth."""
-
-    name: str = MISSING
-    lengths: List[int] = MISSING
-    depths: List[float] = MISSING
-    trials: int = MISSING
-    new_tokens: int = MISSING
-
-
-@dataclass
-class AttentionStatsTask:
-    """Density and recall of the method's plans per layer and head, from captured Q/K."""
-
-    name: str = MISSING
-    recall: bool = MISSING
-    recall_query_blocks: Optional[int] = MISSING
-    layers: Optional[List[int]] = MISSING
-
-
-@dataclass
-class LatencyTask:
-    """Prefill wall time per method after a warm-up pass (compile time reported apart)."""
-
-    name: str = MISSING
-    repeats: int = MISSING
-
-
-TASK_SCHEMAS: dict[str, type] = {
-    "perplexity": PerplexityTask,
-    "passkey": PasskeyTask,
-    "attention_stats": AttentionStatsTask,
-    "latency": LatencyTask,
-}
-
-
-@dataclass
 class RunConfig:
     """The whole run: one method (dense is always evaluated too), one model, one task."""
 
@@ -149,8 +97,8 @@ def register_configs() -> None:
     real choices (``configs/config.yaml`` and the task files name them in their defaults)."""
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=RunConfig)
-    for name, schema in TASK_SCHEMAS.items():
-        store.store(name=f"{TASK_SCHEMA_PREFIX}{name}", node=schema)
+    for name, task in TASKS.items():
+        store.store(name=f"{TASK_SCHEMA_PREFIX}{name}", node=task.schema)
 
 
 register_configs()
@@ -166,7 +114,7 @@ class RunSpec:
     Attributes:
         method: the method's name; engine: its PBSConfig (None for dense);
         overrides: the PBSConfig fields the method node sets.
-        task: the task's dataclass (one of :data:`TASK_SCHEMAS`).
+        task: the task's config (the ``schema`` of one of :data:`~flex_pbs.runner.tasks.TASKS`).
         dense_layers: ``n`` (the first n layers) or a tuple of layer indices run dense.
         layer_thresholds: per-layer thresholds (from the ``layer_thresholds`` file, written by
             ``flex-pbs-calibrate``), overriding the method's threshold on those layers.
@@ -184,21 +132,6 @@ class RunSpec:
     text: str
     dense_layers: int | tuple[int, ...]
     layer_thresholds: dict[int, float] = field(default_factory=dict)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _positive_int(key: str, value: Any) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key} must be > 0, got {value!r}")
-
-
-def _non_negative_int(key: str, value: Any) -> None:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{key} must be >= 0, got {value!r}"
-    )
 
 
 def unknown_key_problems(node: DictConfig, prefix: str = "") -> None:
@@ -222,7 +155,7 @@ def method_engine(method: Any) -> tuple[PBSConfig | None, dict[str, Any]]:
     """``(engine config, overrides)`` of a method node; errors name the ``method.`` key."""
     values = {k: getattr(method, k) for k in (f.name for f in dataclasses.fields(PBSConfig))}
     overrides = {k: v for k, v in values.items() if v is not None}
-    _require(method.name in METHODS, f"method.name: unknown method {method.name!r}; choose from {sorted(METHODS)}")
+    require(method.name in METHODS, f"method.name: unknown method {method.name!r}; choose from {sorted(METHODS)}")
     try:
         return method_config(method.name, **overrides), overrides
     except (TypeError, ValueError) as error:
@@ -232,74 +165,48 @@ def method_engine(method: Any) -> tuple[PBSConfig | None, dict[str, Any]]:
 
 def model_problems(model: ModelConfig) -> None:
     """Raise :class:`ConfigError` if the model node is inconsistent."""
-    _require(model.source in MODEL_SOURCES, f"model.source must be one of {MODEL_SOURCES}, got {model.source!r}")
+    require(model.source in MODEL_SOURCES, f"model.source must be one of {MODEL_SOURCES}, got {model.source!r}")
     if model.source == "tiny":
-        _require(
+        require(
             model.arch in TINY_ARCHITECTURES,
             f"model.arch must be one of {sorted(TINY_ARCHITECTURES)} for a tiny model, got {model.arch!r}",
         )
     else:
-        _require(model.arch is None, f"model.arch applies to tiny models only, got {model.arch!r}")
+        require(model.arch is None, f"model.arch applies to tiny models only, got {model.arch!r}")
     if model.source == "smollm2":
-        _require(model.num_layers is None, "model.num_layers applies to random models only (SmolLM2 has 30)")
+        require(model.num_layers is None, "model.num_layers applies to random models only (SmolLM2 has 30)")
     elif model.num_layers is not None:
-        _positive_int("model.num_layers", model.num_layers)
-
-
-def task_problems(task: Any, method: str, seq_len: int) -> None:
-    """Raise :class:`ConfigError` if a task's values are out of range."""
-    if isinstance(task, PerplexityTask):
-        _require(seq_len >= 2, f"seq_len must be >= 2 for task=perplexity (it predicts tokens 2..seq_len), got {seq_len}")
-        _positive_int("task.tail_tokens", task.tail_tokens)
-        _non_negative_int("task.passkey_trials", task.passkey_trials)
-        _positive_int("task.passkey_new_tokens", task.passkey_new_tokens)
-    elif isinstance(task, PasskeyTask):
-        _require(len(task.lengths) > 0, "task.lengths must list at least one length")
-        for length in task.lengths:
-            _positive_int("task.lengths[]", length)
-        _require(len(task.depths) > 0, "task.depths must list at least one depth")
-        for depth in task.depths:
-            _require(0.0 <= depth <= 1.0, f"task.depths[] must be in [0, 1], got {depth}")
-        _positive_int("task.trials", task.trials)
-        _positive_int("task.new_tokens", task.new_tokens)
-    elif isinstance(task, AttentionStatsTask):
-        _require(method != "dense", "method: task=attention_stats analyses a sparse method's plans; dense has none")
-        if task.recall_query_blocks is not None:
-            _positive_int("task.recall_query_blocks", task.recall_query_blocks)
-        for layer in task.layers or ():
-            _non_negative_int("task.layers[]", layer)
-    elif isinstance(task, LatencyTask):
-        _positive_int("task.repeats", task.repeats)
+        positive_int("model.num_layers", model.num_layers)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """The torch dtype of a ``dtype`` value: ``auto`` is float32 on CPU and bfloat16 on CUDA."""
     if name == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
-    _require(name in DTYPES, f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
+    require(name in DTYPES, f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
 def device_problems(device: str) -> None:
     """Raise :class:`ConfigError` for an unknown or unavailable device."""
-    _require(
+    require(
         re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None, f"device must be 'cpu' or 'cuda[:N]', got {device!r}"
     )
     if device.startswith("cuda"):
-        _require(torch.cuda.is_available(), f"device={device} but torch.cuda.is_available() is False")
+        require(torch.cuda.is_available(), f"device={device} but torch.cuda.is_available() is False")
 
 
 def dense_layers_value(value: Any) -> int | tuple[int, ...]:
     """``dense_layers`` as ``register`` takes it: an int n (first n layers) or layer indices."""
     if isinstance(value, int) and not isinstance(value, bool):
-        _non_negative_int("dense_layers", value)
+        non_negative_int("dense_layers", value)
         return value
-    _require(
+    require(
         isinstance(value, (list, tuple)) or OmegaConf.is_list(value),
         f"dense_layers must be an int (the first n layers) or a list of layer indices, got {value!r}",
     )
     for layer in value:
-        _non_negative_int("dense_layers[]", layer)
+        non_negative_int("dense_layers[]", layer)
     return tuple(value)
 
 
@@ -307,7 +214,7 @@ def layer_thresholds_value(path: str | None, engine: PBSConfig | None) -> dict[i
     """The per-layer thresholds of a ``layer_thresholds`` file (none without a path)."""
     if path is None:
         return {}
-    _require(engine is not None, "layer_thresholds applies to sparse methods; method=dense has no threshold")
+    require(engine is not None, "layer_thresholds applies to sparse methods; method=dense has no threshold")
     try:
         return load_layer_thresholds(Path(path).expanduser())
     except (FileNotFoundError, ValueError) as error:
@@ -320,16 +227,17 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise TypeError(f"validate takes the composed DictConfig, got {type(cfg).__name__}")
     unknown_key_problems(cfg)
     run: RunConfig = OmegaConf.to_object(cfg)
-    _require(run.task.name in TASK_SCHEMAS, f"task.name must be one of {sorted(TASK_SCHEMAS)}, got {run.task.name!r}")
-    _require(
-        isinstance(run.task, TASK_SCHEMAS[run.task.name]),
+    require(run.task.name in TASKS, f"task.name must be one of {sorted(TASKS)}, got {run.task.name!r}")
+    task = TASKS[run.task.name]
+    require(
+        isinstance(run.task, task.schema),
         f"task: the task file for {run.task.name!r} must extend /{TASK_SCHEMA_PREFIX}{run.task.name}",
     )
     engine, overrides = method_engine(run.method)
     model_problems(run.model)
-    _positive_int("seq_len", run.seq_len)
-    task_problems(run.task, run.method.name, run.seq_len)
-    _require(run.text in TEXTS, f"text must be one of {TEXTS}, got {run.text!r}")
+    positive_int("seq_len", run.seq_len)
+    task.check(run.task, run.method.name, run.seq_len)
+    require(run.text in TEXTS, f"text must be one of {TEXTS}, got {run.text!r}")
     device_problems(run.device)
     dense_layers = dense_layers_value(run.dense_layers)
     layer_thresholds = layer_thresholds_value(run.layer_thresholds, engine)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 import flex_pbs
-
 from flex_pbs.runner import models
+from flex_pbs.runner.checks import ConfigError
 from flex_pbs.runner.data import token_ids
-from flex_pbs.runner.schema import ConfigError, ModelConfig, RunSpec
+
+if TYPE_CHECKING:
+    from flex_pbs.runner.schema import ModelConfig, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -141,39 +143,3 @@ def attention(
     finally:
         session.model.set_attn_implementation("sdpa")
         flex_pbs.unregister()
-
-
-@contextlib.contextmanager
-def experimental_attention(session: Session, name: str, function: Any) -> Iterator[None]:
-    """Run the model with an attention function of one's own inside the block (an experiment
-    outside the engine), registered as ``name`` together with flex_pbs's compact mask, so that
-    ``function`` receives a :class:`~flex_pbs.integrations.transformers.PBSMask`. The model is
-    back on SDPA, and both registrations removed, afterwards."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from flex_pbs.integrations.transformers import pbs_mask
-
-    AttentionInterface.register(name, function)
-    AttentionMaskInterface.register(name, pbs_mask)
-    try:
-        session.model.set_attn_implementation(name)
-        yield
-    finally:
-        session.model.set_attn_implementation("sdpa")
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)
-
-
-def whole_prefill_scale(attention_mask: Any, query: torch.Tensor, block_size: int, scaling: float | None) -> float:
-    """The softmax scale for an experiment's attention function (``scaling`` or ``1/sqrt(D)``),
-    after checking that the call is what such experiments handle: unpadded causal prefill from
-    position 0 (a :class:`~flex_pbs.integrations.transformers.PBSMask`, as
-    :func:`experimental_attention` provides) over a multiple of ``block_size`` tokens."""
-    from flex_pbs.integrations.transformers import PBSMask
-
-    if not (isinstance(attention_mask, PBSMask) and attention_mask.causal and attention_mask.padding is None):
-        raise ValueError("this experiment runs unpadded causal prefill only")
-    if attention_mask.q_offset or query.shape[2] % block_size:
-        raise ValueError("prefill from position 0 of a multiple of the block size only")
-    return scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from flex_pbs.engine.layout import BlockLayout, block_min_position
 from flex_pbs.engine.kernels import shared_memory
+from flex_pbs.engine.layout import BlockLayout, block_min_position
 
 _LOG2E = 1.4426950408889634
 # Scaled fp8 values stay within ±240, below e4m3's 448 so that rounding cannot overflow.
