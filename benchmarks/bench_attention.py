@@ -259,11 +259,11 @@ def correctness_check(args) -> dict:
     return result
 
 
-SCORER_CONFIGS = [  # (tile_slots, num_warps, num_stages, fp8); more were tried: NOTES.md
+SCORER_CONFIGS = [  # (tile_slots, num_warps, num_stages, fp8); more were tried: docs/design.md
     (128, 8, 3, False), (256, 8, 2, False), (128, 8, 4, True), (256, 8, 3, True), (256, 8, 4, True),
     (64, 4, 3, True), (64, 8, 3, True), (128, 4, 3, True), (128, 8, 3, True),  # for --peak-weight
 ]
-# None: flex_pbs's default_kernel_options; {}: FlexAttention's own defaults. Others tried: NOTES.md.
+# None: flex_pbs's default_kernel_options; {}: FlexAttention's own defaults. Others tried: docs/design.md.
 FLEX_OPTIONS = [None, {}]
 
 

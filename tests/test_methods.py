@@ -16,7 +16,7 @@ def test_methods_are_configurations_of_one_engine():
     assert method_config("pbs_mean") == PBSConfig(scoring="mean", permute="key", segment_size=256, **square)
     assert method_config("meanpool", threshold=0.8) == PBSConfig(scoring="mean", permute="none", threshold=0.8, **square)
     assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key", segment_size=256)
-    # pbs_fast: the default until 2026-11-27 (square blocks, XAttention's scoring, local 4).
+    # pbs_fast: speed first (square blocks, XAttention's scoring, local 4).
     assert method_config("pbs_fast") == method_config("xattention").replace(force_local_blocks=4)
     fine = method_config("pbs_fine")
     assert (fine.block_size, fine.key_block_size, fine.segment_size, fine.stride, fine.peak_weight) == (64, None, 64, 8, 0.5)

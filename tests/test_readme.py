@@ -18,8 +18,8 @@ def run_block(index: int) -> dict:
     return namespace
 
 
-def test_readme_has_the_api_and_transformers_examples():
-    assert len(python_blocks()) == 2
+def test_every_readme_python_block_is_run_by_a_test():
+    assert len(python_blocks()) == 2, "a new README python block needs a test below that runs it"
 
 
 def test_api_example_runs():

@@ -161,28 +161,57 @@ def test_dense_method_alone(tmp_path):
     assert [r["method"] for r in payload["rows"]] == ["dense"]
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 def test_passkey_task(tmp_path):
     payload = run([*TINY, "task=passkey", "task.lengths=[600]", "task.depths=[0.25,0.75]", "task.trials=1"], tmp_path)
     assert [(r["method"], r["length"]) for r in payload["rows"]] == [("dense", 600), ("pbs", 600)]
-    assert all(0 <= r["depth_0.25"] <= 1 and 0 <= r["accuracy"] <= 1 for r in payload["rows"])
-    trials = payload["details"]["pbs"]
-    assert len(trials) == 2 and all(isinstance(t["output"], str) and t["length"] <= 600 for t in trials)
-    assert (tmp_path / "results.png").exists()
+    for row in payload["rows"]:
+        trials = payload["details"][row["method"]]
+        assert len(trials) == 2 and all(isinstance(t["output"], str) and t["length"] <= 600 for t in trials)
+        # Each cell is the share of its trials whose output holds the pass key.
+        for depth in (0.25, 0.75):
+            hits = [t["correct"] for t in trials if t["depth"] == depth]
+            assert row[f"depth_{depth:g}"] == sum(hits) / len(hits)
+        assert row["accuracy"] == sum(t["correct"] for t in trials) / 2
+        assert all(t["correct"] == (str(t["passkey"]) in t["output"]) for t in trials)
+    assert (tmp_path / "results.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_attention_stats_task(tmp_path):
-    payload = run(["model=tiny_qwen2", "seq_len=640", "task=attention_stats", *SPARSE], tmp_path)
+    from flex_pbs import build_plan
+    from flex_pbs.integrations.capture import capture_qkv
+    from flex_pbs.runner.session import evaluation_ids, load_session
+
+    overrides = ["model=tiny_qwen2", "seq_len=640", "task=attention_stats", *SPARSE]
+    payload = run(overrides, tmp_path)
     assert [r["layer"] for r in payload["rows"]] == [0, 1]
-    for layer in payload["details"]["layers"].values():
-        assert len(layer["density"]) == len(layer["recall"]) == 4  # query heads
-    assert all(0 < r["density"] < 1 and 0 < r["recall"] <= 1 for r in payload["rows"])
-    assert (tmp_path / "results.png").exists()
+    # The rows are the plans of the method on the model's own Q/K, layer by layer.
+    spec = validate(composed(overrides))
+    model_session = load_session(spec)
+    captured = capture_qkv(model_session.model, evaluation_ids(spec, model_session))
+    for row in payload["rows"]:
+        q, k, _ = captured[row["layer"]]
+        head_density = build_plan(q, k, spec.engine).head_density.mean(0)
+        details = payload["details"]["layers"][row["layer"]]
+        assert details["density"] == pytest.approx(head_density.tolist(), abs=1e-6)
+        assert row["density"] == pytest.approx(float(head_density.mean()), abs=1e-6)
+        assert row["min_head_density"] == pytest.approx(float(head_density.min()), abs=1e-6)
+        assert 0 < row["density"] < 1 and len(details["recall"]) == 4 and 0 < row["recall"] <= 1
+    assert (tmp_path / "results.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_latency_task(tmp_path):
-    rows = rows_by_method(run([*TINY, "task=latency", "task.repeats=2"], tmp_path))
-    assert rows["dense"]["speedup"] == 1.0 and len(rows["pbs"]["times_s"]) == 2
-    assert rows["pbs"]["prefill_s"] > 0 and rows["pbs"]["compile_s"] >= 0
+    import statistics
+
+    rows = rows_by_method(run([*TINY, "task=latency", "task.repeats=3"], tmp_path))
+    for row in rows.values():
+        assert len(row["times_s"]) == 3 and row["prefill_s"] == statistics.median(row["times_s"])
+        assert row["min_s"] == min(row["times_s"]) and row["compile_s"] == max(0.0, row["warmup_s"] - row["prefill_s"])
+    assert rows["dense"]["speedup"] == 1.0 and rows["dense"]["density"] == 1.0
+    assert rows["pbs"]["speedup"] == pytest.approx(rows["dense"]["prefill_s"] / rows["pbs"]["prefill_s"])
+    assert 0 < rows["pbs"]["density"] <= 1
 
 
 # ---------------------------------------------------------------------------- console scripts

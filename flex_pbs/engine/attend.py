@@ -23,7 +23,7 @@ from flex_pbs.engine.layout import cdiv
 # Distinct CPU length buckets one process may compile (8 per doubling covers 16 doublings).
 CPU_MAX_BUCKETS = 128
 
-# Measured on an H100 (docs: 128K, head_dim 128, density 0.10): 1.27x the ideal density x SDPA
+# Measured on an H100 (docs/design.md: 128K, head_dim 128, density 0.10): 1.27x the ideal density x SDPA
 # time, vs 1.38x with FlexAttention's default tiles. 16-bit inputs only: in fp32 these tiles
 # need 330 KB of shared memory (an H100 has 227 KB). Other shapes keep the defaults.
 HOPPER_D128_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": True}

@@ -7,8 +7,8 @@ shape and the forced local window:
 name                  scoring            permute  block     segment  local  what it is
 ====================  =================  =======  ========  =======  =====  ==============================
 ``pbs``               antidiagonal+peak  none     128 x 64  128      8      flex_pbs's default (``PBSConfig()``)
-``pbs_fast``          antidiagonal       none     128       128      4      speed first: the default until
-                                                                            2026-11-27
+``pbs_fast``          antidiagonal       none     128       128      4      speed first: about 1.4x
+                                                                            faster per call
 ``pbs_fine``          antidiagonal+peak  none     64        64       8      quality first: 64-token blocks
 ``pbs_antidiagonal``  antidiagonal       key      128       256      0      PBS with XAttention's scoring
 ``pbs_mean``          mean               key      128       256      0      the PBS-Attn paper
@@ -24,8 +24,8 @@ the query block = the diagonal block alone), ``local`` is ``force_local_blocks``
 (512 tokens in ``pbs``, ``pbs_fast`` and ``pbs_fine``). On the bundled model ``pbs`` and
 ``pbs_fine`` stay within +1% of dense perplexity at density 0.25 at 8K where ``pbs_fast`` does
 not; on an H100 at 128K and equal density an attention call of ``pbs`` takes about 1.4x
-``pbs_fast``'s time, ``pbs_fine`` (64-row FlexAttention tiles) about 2x (README, "Quality" and
-"Speed"). The baselines keep square blocks and XAttention's or the paper's scoring.
+``pbs_fast``'s time, ``pbs_fine`` (64-row FlexAttention tiles) about 2x (docs/results.md).
+The baselines keep square blocks and XAttention's or the paper's scoring.
 
 The permuted methods sort keys inside 256-token segments, as in the paper; ``xattention`` and
 ``pbs_antidiagonal`` differ in the permutation and the segment (so do ``meanpool`` and

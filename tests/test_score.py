@@ -119,3 +119,10 @@ def test_scores_with_narrower_key_blocks_sum_finer_tiles():
     exact = build_plan(q * 2, k, PBSConfig(scoring="oracle", key_block_size=64, threshold=0.8)).block_scores
     assert exact.shape == (1, 2, 8, 16)
     assert torch.allclose(exact.sum(-1), torch.tensor([128.0] * 7 + [1000 - 7 * 128]).expand(1, 2, 8), atol=1e-3)
+
+
+def test_one_scorer_per_configurable_scoring():
+    from flex_pbs.engine.config import SCORINGS
+    from flex_pbs.engine.score import SCORERS
+
+    assert sorted(SCORERS) == sorted(SCORINGS)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention
@@ -36,9 +37,7 @@ def test_planted_generator_is_seeded_and_validates():
     a = planted_qkv(1, 2, 1, 512, 64, seed=3)
     b = planted_qkv(1, 2, 1, 512, 64, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    try:
+    with pytest.raises(ValueError, match="head_dim must be >= 36 for this pattern, got 16"):
         planted_qkv(1, 2, 1, 512, 16, PlantedPattern(local_frequencies=16))
-    except ValueError as e:
-        assert "head_dim" in str(e)
-    else:
-        raise AssertionError("expected ValueError")
+    with pytest.raises(ValueError, match=r"q_heads \(3\) must be a multiple of kv_heads \(2\)"):
+        planted_qkv(1, 3, 2, 512, 64)

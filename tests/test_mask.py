@@ -1,0 +1,63 @@
+"""The BlockMask built from block tensors: exactly the selected blocks, token-causal on the
+diagonal segment by original key position, padding never visible."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_mask
+
+from flex_pbs.engine.layout import BlockLayout
+from flex_pbs.engine.mask import block_indices, build_flex_mask, selection_indices
+from flex_pbs.engine.permute import segment_key_order
+
+
+def test_block_indices_list_true_blocks_in_ascending_order():
+    blocks = torch.tensor([[[[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]]], dtype=torch.bool)
+    counts, indices = block_indices(blocks)
+    assert counts.tolist() == [[[3, 0, 1]]] and counts.dtype == indices.dtype == torch.int32
+    assert indices[0, 0, 0, :3].tolist() == [1, 3, 4] and indices[0, 0, 2, :1].tolist() == [0]
+
+
+def test_selection_indices_split_diagonal_blocks_from_full_ones():
+    selected = torch.tensor([[[[1, 1, 0], [1, 1, 1]]]], dtype=torch.bool)
+    diagonal = torch.tensor([[0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    partial_num, partial_idx, full_num, full_idx = selection_indices(selected, diagonal)
+    assert partial_num.tolist() == [[[1, 1]]] and partial_idx[0, 0, :, 0].tolist() == [1, 2]
+    assert full_num.tolist() == [[[1, 2]]] and full_idx[0, 0, 1, :2].tolist() == [0, 1]
+
+
+def token_mask_of(block_mask, q_len, kv_len):
+    return create_mask(block_mask.mask_mod, 1, 4, q_len, kv_len, device="cpu")
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("q_len, kv_len, kernel_lengths", [(512, 512, None), (300, 700, None), (500, 500, (512, 512))])
+def test_mask_computes_exactly_the_selected_blocks_causally_by_original_position(permuted, q_len, kv_len, kernel_lengths):
+    layout = BlockLayout(q_len=q_len, kv_len=kv_len, q_offset=kv_len - q_len, block_size=128, kv_block=64,
+                         segment_size=256)
+    torch.manual_seed(0)
+    key_order = segment_key_order(torch.rand(1, 2, kv_len), 256) if permuted else torch.arange(kv_len).expand(1, 2, -1)
+    diagonal = layout.diagonal_blocks(torch.device("cpu"))
+    selected = (torch.rand(1, 4, layout.num_q_blocks, layout.num_kv_blocks) < 0.5) | diagonal
+    mask = build_flex_mask(selection_indices(selected, diagonal), key_order if permuted else None, layout, kernel_lengths)
+    assert mask.BLOCK_SIZE == (128, 64) and mask.seq_lengths == (kernel_lengths or (q_len, kv_len))
+    dense = mask.to_dense()  # blocks the kernel visits, partial or full
+    assert torch.equal(dense[..., : layout.num_q_blocks, : layout.num_kv_blocks].bool(), selected)
+    assert not dense[..., layout.num_q_blocks:, :].any()  # padding query rows compute nothing
+    # Token level, on the partial (diagonal) blocks: key slot j is visible to query i exactly
+    # when its original key precedes the query; past the real keys, never.
+    tokens = token_mask_of(mask, *mask.seq_lengths)
+    positions = torch.arange(q_len) + layout.q_offset
+    group = 2
+    for head in range(4):
+        visible = key_order[0, head // group][None, :] <= positions[:, None]
+        assert torch.equal(tokens[0, head, :q_len, :kv_len], visible)
+        assert not tokens[0, head, :q_len, kv_len:].any()
+
+
+def test_budgeted_lists_are_widened_on_cpu_only():
+    layout = BlockLayout(q_len=1024, kv_len=1024, q_offset=0, block_size=128, kv_block=128, segment_size=128)
+    diagonal = layout.diagonal_blocks(torch.device("cpu"))
+    partial_num, partial_idx, full_num, full_idx = selection_indices(diagonal.expand(1, 1, 8, 8).clone(), diagonal)
+    narrow = (partial_num, partial_idx[..., :3], full_num, full_idx[..., :3])  # as a budgeted selection gives them
+    mask = build_flex_mask(narrow, None, layout)
+    assert mask.kv_indices.shape[-1] == mask.full_kv_indices.shape[-1] == 8  # inductor's CPU kernel reads nK entries
