@@ -39,16 +39,42 @@ def test_ten_lengths_compile_once_per_bucket_and_reuse_kernels():
             assert torch.isfinite(pbs_attention(q, k, v, cfg)).all()
 
 
-def test_exhausting_the_recompile_limit_raises_instead_of_running_eager(monkeypatch):
+def test_batch_sizes_share_one_compiled_kernel():
     torch._dynamo.reset()
-    monkeypatch.setattr(flex, "CPU_MAX_BUCKETS", 2)
-    cfg = PBSConfig(threshold=1.0, force_local_blocks=0)  # short inputs stay sparse
-    for n in (512 + 128, 512 + 256):
-        q, k, v = (torch.randn(1, 2, n, 32) for _ in range(3))
+    counters.clear()
+    cfg = PBSConfig(threshold=0.8)
+    for batch in (2, 3, 5, 4):
+        q, k, v = torch.randn(batch, 4, 1000, 32), torch.randn(batch, 2, 1000, 32), torch.randn(batch, 2, 1000, 32)
         pbs_attention(q, k, v, cfg)
-    q, k, v = (torch.randn(1, 2, 512 + 384, 32) for _ in range(3))
-    with pytest.raises(Exception, match="recompile"):
-        pbs_attention(q, k, v, cfg)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_fifty_mixed_shapes_stay_exact_within_a_bounded_compile_budget(monkeypatch):
+    """Any sequence of (B, H, L): once the process's compile budget is spent, new shapes run
+    exact attention restricted to the plan (the same result), with one warning."""
+    import random
+    import warnings
+
+    import torch.nn.functional as F
+
+    import flex_pbs.engine.pipeline as pipeline
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(flex, "CPU_MAX_BUCKETS", 4)
+    monkeypatch.setattr(pipeline, "_warned_budget_spent", False)
+    rng = random.Random(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(50):
+            batch, kv_heads, group = rng.choice([1, 2, 3]), rng.choice([1, 2]), rng.choice([1, 2, 4])
+            length = rng.choice([700, 900, 1100, 1300, 1500])
+            q, k, v = (torch.randn(batch, h, length, 16) for h in (kv_heads * group, kv_heads, kv_heads))
+            cfg = PBSConfig(threshold=0.7, permute=rng.choice(["none", "key"]), segment_size=256)
+            out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
+            reference = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.token_mask(), enable_gqa=True)
+            assert (out - reference).abs().max() < 1e-5
+    spent = [w for w in caught if issubclass(w.category, RuntimeWarning) and "FlexAttention kernels" in str(w.message)]
+    assert len(spent) == 1 and "exact attention restricted to the plan" in str(spent[0].message)
     torch._dynamo.reset()
 
 

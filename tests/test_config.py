@@ -25,7 +25,7 @@ def test_defaults_are_valid():
         ({"max_density": 0.0}, ValueError, "max_density"),
         ({"force_sink": 1}, TypeError, "force_sink"),
         ({"threshold_counts_forced": "no"}, TypeError, "threshold_counts_forced"),
-        ({"permute": "key", "key_block_size": None}, ValueError, "segment_size >= 2 \* key_block_size"),
+        ({"permute": "key", "key_block_size": None}, ValueError, r"segment_size >= 2 \* key_block_size"),
         ({"dense_below": -1}, ValueError, "dense_below"),
         ({"key_block_size": 40}, ValueError, "key_block_size must be a multiple of 16"),
         ({"key_block_size": 96}, ValueError, "must divide block_size"),

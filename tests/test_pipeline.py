@@ -193,7 +193,16 @@ def _bad(**changes):
         (_bad(k=torch.randn(1, 2, 500, 32), v=torch.randn(1, 2, 500, 32)), ValueError, "q_offset"),
         (_bad(k=torch.randn(1, 2, 512, 16), v=torch.randn(1, 2, 512, 16)), ValueError, "head dim"),
         (_bad(k=torch.randn(1, 3, 512, 32), v=torch.randn(1, 3, 512, 32)), ValueError, "multiple of key/value heads"),
-        (_bad(k=torch.randn(1, 2, 512, 32, dtype=torch.float64)), TypeError, "share a dtype"),
+        (_bad(k=torch.randn(1, 2, 512, 32, dtype=torch.float16)), TypeError, "share a dtype"),
+        (_bad(q=torch.randn(1, 4, 512, 32).double()), TypeError,
+         r"q is torch.float64; flex_pbs computes in float32, bfloat16 or float16"),
+        (_bad(k=torch.randn(1, 0, 512, 32), v=torch.randn(1, 0, 512, 32)), ValueError, "k must have at least one head"),
+        (_bad(scale=float("nan")), ValueError, "scale must be a positive finite float or None, got nan"),
+        (_bad(scale=float("inf")), ValueError, "scale must be a positive finite float or None, got inf"),
+        (_bad(config=[0.5]), TypeError, "config must be a PBSConfig, a mapping of its fields or None, got list"),
+        (_bad(config={"treshold": 0.5}), TypeError, r"unknown PBSConfig key\(s\) \['treshold'\]"),
+        (_bad(config=PBSConfig(backend="triton", force_local_blocks=0)), ValueError,
+         r"backend='triton'\) needs a CUDA device \(inputs are on cpu\)"),
         (_bad(q=torch.ones(1, 4, 512, 32, dtype=torch.long)), TypeError, "floating point"),
         (_bad(v="values"), TypeError, "v must be a torch.Tensor"),
         (_bad(k=torch.randn(1, 2, 512, 32, device="meta"), v=torch.randn(1, 2, 512, 32, device="meta")), ValueError, "one device"),
@@ -204,6 +213,83 @@ def _bad(**changes):
 def test_bad_inputs_raise_naming_the_problem(args, error, words):
     with pytest.raises(error, match=words):
         pbs_attention(**args)
+
+
+def test_config_may_be_a_mapping_of_its_fields():
+    q, k, v = random_qkv(1, 4, 2, 1024, 32)
+    out, plan = pbs_attention(q, k, v, {"threshold": 0.5, "force_local_blocks": 0}, return_plan=True)
+    assert torch.equal(out, pbs_attention(q, k, v, PBSConfig(threshold=0.5, force_local_blocks=0)))
+    assert plan.density < 1
+
+
+@pytest.mark.parametrize("shape, q_len", [((0, 4, 2, 1024, 32), None), ((1, 4, 2, 1024, 0), None),
+                                          ((1, 4, 2, 1024, 32), 0), ((1, 4, 2, 0, 32), None)])
+def test_empty_inputs_give_empty_outputs_like_sdpa(shape, q_len):
+    batch, q_heads, kv_heads, length, dim = shape
+    q, k, v = random_qkv(batch, q_heads, kv_heads, length, dim)
+    q = q[:, :, : length if q_len is None else q_len]
+    offset = length - q.shape[2]
+    out, plan = pbs_attention(q, k, v, q_offset=offset, return_plan=True)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(q.shape[2], length, dtype=torch.bool),
+                                              enable_gqa=True)
+    assert out.shape == expected.shape == (batch, q_heads, q.shape[2], dim)
+    assert plan.density == 1.0 and plan.head_density.shape == (batch, q_heads)
+    assert build_plan(q, k, q_offset=offset).density == 1.0
+
+
+def test_a_non_finite_query_row_is_nan_as_in_sdpa_never_zeros():
+    q, k, v = planted_qkv(1, 4, 2, 2048, 64, seed=3)
+    q[0, 1, 1500] = float("nan")
+    q[0, 2, 700, 5] = float("inf")
+    out = pbs_attention(q, k, v)
+    reference = sdpa(q, k, v)
+    assert torch.isnan(out[0, 1, 1500]).all() and torch.isnan(out[0, 2, 700]).all()
+    assert torch.isnan(reference[0, 1, 1500]).all() and torch.isnan(reference[0, 2, 700]).all()
+    finite_rows = torch.isfinite(out).all(-1)
+    assert finite_rows.sum() == finite_rows.numel() - 2
+
+
+@pytest.mark.parametrize("cfg, offset", [(PBSConfig(), 0), (PBSConfig(), 1000),
+                                         (PBSConfig(permute="key", segment_size=256), 0),
+                                         (PBSConfig(permute="key", segment_size=256), 300)])
+@pytest.mark.parametrize("bad", ["k", "v"])
+def test_a_nan_key_or_value_reaches_exactly_the_rows_whose_plan_holds_it(cfg, offset, bad):
+    q, k, v = planted_qkv(1, 4, 2, 2048, 64, seed=3)
+    (k if bad == "k" else v)[0, 0, [900, 1500]] = float("nan")  # one in a diagonal block, one far
+    out, plan = pbs_attention(q[:, :, offset:], k, v, cfg, q_offset=offset, return_plan=True)
+    sees_it = plan.token_mask()[0, :2][..., [900, 1500]].any(-1)  # query heads 0 and 1 share KV head 0
+    assert sees_it.any()
+    nan_rows = torch.isnan(out[0, :2]).any(-1)
+    assert (nan_rows >= sees_it).all() and torch.isfinite(out[0, 2:]).all()  # a NaN in is a NaN out
+    if bad == "k":  # exactly those rows (a NaN value also reaches rows of its tile that mask it: 0 * NaN)
+        assert nan_rows.equal(sees_it)
+
+
+def test_float16_scores_do_not_overflow():
+    """Raw q·k sums past float16's 65504 (logits stay moderate after the 1/sqrt(D) scale):
+    every scorer and the importance compute in float32, so the fp16 plan is the fp32 plan of
+    the same values, not a plan of infinities."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, 4, 2048, 64) * 40).half(), (torch.randn(1, 2, 2048, 64) * 40).half()
+    assert (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2)).abs().max() > 65504
+    for cfg in (PBSConfig(), PBSConfig(scoring="mean"), PBSConfig(permute="key", segment_size=256)):
+        half, single = build_plan(q, k, cfg), build_plan(q.float(), k.float(), cfg)
+        assert torch.isfinite(half.block_scores).all(), cfg
+        assert (half.block_mask != single.block_mask).float().mean() < 1e-3, cfg
+        assert abs(half.density - single.density) < 1e-3, cfg
+
+
+@pytest.mark.parametrize("permute", ["none", "key"])
+def test_values_after_a_row_never_reach_it(permute):
+    """Causality of values. (With permute="key" a later *key* may change which earlier blocks
+    a row computes, because the key order comes from the last query block: the paper's design.)"""
+    q, k, v = planted_qkv(1, 4, 2, 2048, 64, seed=4)
+    cfg = PBSConfig(permute=permute, segment_size=256)
+    out = pbs_attention(q, k, v, cfg)
+    for row in (700, 1300):
+        changed = v.clone()
+        changed[:, :, row + 1 :] = torch.randn_like(changed[:, :, row + 1 :])
+        assert torch.equal(pbs_attention(q, k, changed, cfg)[:, :, : row + 1], out[:, :, : row + 1])
 
 
 def test_chunked_length_mismatch_suggests_q_offset():

@@ -4,15 +4,18 @@ Changing the sequence length must never drop to the unfused eager path (which ma
 the full score matrix). On CUDA the kernel is compiled with dynamic shapes, so one compile
 serves every length. Inductor's CPU template cannot build dynamic-shape kernels reliably
 (torch 2.13: ``cur_kvSplitSize`` undeclared), so on CPU lengths are padded up to a bucket —
-at most 8 buckets per doubling of the length, each compiled once — and the recompile limit is
-raised for this call only, with ``fail_on_recompile_limit_hit`` so that exhausting it raises
-instead of silently running eagerly.
+at most 8 buckets per doubling of the length, each compiled once — and only the batch size is
+dynamic (FlexAttention itself keeps the head counts static). A process may compile
+:data:`CPU_MAX_BUCKETS` CPU kernels; past that :class:`CompileBudgetSpent` is raised instead of
+running eagerly, and the pipeline answers it with exact attention restricted to the plan.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +23,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flex_pbs.engine.layout import cdiv
 
-# Distinct CPU length buckets one process may compile (8 per doubling covers 16 doublings).
+# Distinct CPU kernels one process may compile (8 length buckets per doubling cover 16
+# doublings; batch size 1 and the other batch sizes compile apart).
 CPU_MAX_BUCKETS = 128
+
+
+class CompileBudgetSpent(RuntimeError):
+    """The compiled CPU FlexAttention would need one more kernel than :data:`CPU_MAX_BUCKETS`."""
 
 # Measured on an H100 (docs/design.md: 128K, head_dim 128, density 0.10): 1.27x the ideal density x SDPA
 # time, vs 1.38x with FlexAttention's default tiles. 16-bit inputs only: in fp32 these tiles
@@ -154,6 +162,19 @@ def default_kernel_options(q: torch.Tensor, block_mask: BlockMask, keys_in_order
     )
 
 
+@contextlib.contextmanager
+def _recompile_limit_logged_by_us() -> Iterator[None]:
+    """Dynamo logs a warning each time a call hits the recompile limit; flex_pbs raises
+    :class:`CompileBudgetSpent` instead and the pipeline warns once, so silence it meanwhile."""
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if x.shape[-2] == length else F.pad(x, (0, 0, 0, length - x.shape[-2]))
 
@@ -193,19 +214,27 @@ def flex_attend(
     q_len = q.shape[-2]
     kernel_q, kernel_kv = block_mask.seq_lengths
     q_in, k_in, v_in = _pad_tokens(q, kernel_q), _pad_tokens(k, kernel_kv), _pad_tokens(v, kernel_kv)
+    if not q.is_cuda:  # one CPU kernel per length bucket serves every batch size
+        for t in (q_in, k_in, v_in):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
     if kernel_options is None:
         kernel_options = default_kernel_options(q, block_mask, keys_in_order)
     attend = compiled_flex_attention(q.device.type)
-    with torch._dynamo.config.patch(
-        recompile_limit=CPU_MAX_BUCKETS, fail_on_recompile_limit_hit=True
-    ):
-        out = attend(
-            q_in,
-            k_in,
-            v_in,
-            block_mask=block_mask,
-            scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-            kernel_options=kernel_options,
-        )
+    try:
+        with torch._dynamo.config.patch(recompile_limit=CPU_MAX_BUCKETS, fail_on_recompile_limit_hit=True), \
+                _recompile_limit_logged_by_us():
+            out = attend(
+                q_in,
+                k_in,
+                v_in,
+                block_mask=block_mask,
+                scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+                kernel_options=kernel_options,
+            )
+    except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+        raise CompileBudgetSpent(
+            f"flex_pbs compiled {CPU_MAX_BUCKETS} FlexAttention kernels in this process; a new shape "
+            f"({tuple(q.shape)}) would need another"
+        ) from error
     return out[:, :, :q_len]

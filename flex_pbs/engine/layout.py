@@ -135,4 +135,5 @@ def block_min_position(key_order: torch.Tensor, block_size: int, slot_size: int 
     batch, heads, kv_len = key_order.shape
     pad = cdiv(kv_len, block_size) * block_size - kv_len
     padded = torch.nn.functional.pad(key_order, (0, pad), value=PAST_ANY_QUERY) if pad else key_order
-    return padded.reshape(batch, heads, -1, slot_size or block_size).amin(dim=-1)
+    slots = padded.shape[-1] // (slot_size or block_size)
+    return padded.reshape(batch, heads, slots, slot_size or block_size).amin(dim=-1)

@@ -80,6 +80,9 @@ def build_flex_mask(
     if pad_q or pad_k:
         kv_num, full_num = (F.pad(n, (0, pad_q)) for n in (kv_num, full_num))
         kv_idx, full_idx = (F.pad(i, (0, pad_k, 0, pad_q)) for i in (kv_idx, full_idx))
+    if kv_idx.device.type == "cpu":  # one CPU kernel serves every batch size (attend.py)
+        for t in (kv_num, kv_idx, full_num, full_idx):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
     if key_order is None:
         # A tensor, not a Python int: the compiled kernel must not specialise on the offset.
         # Filled on the device: copying a host value in would wait for all queued GPU work.
@@ -91,6 +94,8 @@ def build_flex_mask(
     else:
         # Shifting by the query offset lets the mask_mod compare with the local query index.
         shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
+        if shifted_order.device.type == "cpu":
+            torch._dynamo.maybe_mark_dynamic(shifted_order, 0)
         group = q_heads // key_order.shape[1]
 
         def original_position_causal(b, h, q_idx, kv_idx):

@@ -35,13 +35,16 @@ def key_importance(
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     n_last = min(block_size, q_len)
+    wide = q.dtype == torch.float16  # raw q·k sums may pass float16's 65504: multiply in float32
     last = q[:, :, q_len - n_last :, :].reshape(batch, kv_heads, group * n_last, dim)
+    last = last.float() if wide else last
     positions = (torch.arange(q_len - n_last, q_len, device=q.device) + q_offset).repeat(group)
 
     def masked_logits(start: int, stop: int) -> torch.Tensor:
-        logits = torch.matmul(last, k[:, :, start:stop, :].transpose(-1, -2)).float() * scale
-        keys = torch.arange(start, stop, device=q.device)
-        return logits.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
+        keys = k[:, :, start:stop, :]
+        logits = torch.matmul(last, (keys.float() if wide else keys).transpose(-1, -2)).float() * scale
+        key_positions = torch.arange(start, stop, device=q.device)
+        return logits.masked_fill(key_positions[None, :] > positions[:, None], float("-inf"))
 
     chunks = [(s, min(s + _IMPORTANCE_KEY_CHUNK, kv_len)) for s in range(0, kv_len, _IMPORTANCE_KEY_CHUNK)]
     lse = torch.stack([torch.logsumexp(masked_logits(s, e), dim=-1) for s, e in chunks]).logsumexp(dim=0)

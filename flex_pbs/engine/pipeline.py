@@ -9,15 +9,18 @@ mask_mod comparing original key positions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from flex_pbs.engine.attend import flex_attend
+from flex_pbs.engine.attend import CompileBudgetSpent, flex_attend
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.layout import BlockLayout
 from flex_pbs.engine.mask import build_stage
@@ -60,35 +63,40 @@ class PBSPlan:
         """Computed causal blocks / causal blocks, per batch element and query head: ``[B, Hq]``."""
         batch, q_heads = self.block_mask.shape[:2]
         kv_heads = self.causal_blocks.shape[1]
-        computed = self.block_mask.reshape(batch, kv_heads, q_heads // kv_heads, -1).sum(-1)
-        causal = self.causal_blocks.reshape(batch, kv_heads, 1, -1).sum(-1)
-        return (computed / causal).reshape(batch, q_heads)
+        computed = self.block_mask.flatten(2).sum(-1).reshape(batch, kv_heads, q_heads // kv_heads)
+        causal = self.causal_blocks.flatten(2).sum(-1).reshape(batch, kv_heads, 1)
+        # No causal block (no queries): nothing was skipped.
+        return torch.where(causal > 0, computed / causal.clamp(min=1), 1.0).reshape(batch, q_heads)
 
     @property
     def density(self) -> float:
         """Computed causal blocks / all causal blocks, over batch and heads."""
         group = self.block_mask.shape[1] // self.causal_blocks.shape[1]
-        return float(self.block_mask.sum()) / float(self.causal_blocks.sum() * group)
+        causal = float(self.causal_blocks.sum() * group)
+        return float(self.block_mask.sum()) / causal if causal else 1.0  # no queries: nothing skipped
 
-    def token_mask(self) -> torch.Tensor:
+    def token_mask(self, rows: slice | None = None) -> torch.Tensor:
         """Which keys each query attends to under this plan, in the caller's key order:
-        bool ``[B, Hq, Lq, Lk]``, True where the key's block is computed and the key is causal.
+        bool ``[B, Hq, Lq, Lk]`` (``rows``: only those query rows), True where the key's block
+        is computed and the key is causal.
 
         Exact attention with this mask (``F.scaled_dot_product_attention(q, k, v,
         attn_mask=plan.token_mask(), enable_gqa=True)``) is what PBS attention computes, permuted
         or not: the reference that checks a kernel against its plan. O(Lq * Lk) memory.
         """
         layout, key_order = self.layout, self.key_order
-        batch, q_heads = self.block_mask.shape[:2]
-        group = q_heads // key_order.shape[1]
-        slots = (
-            self.block_mask.repeat_interleave(layout.block_size, dim=2)[:, :, : layout.q_len]
-            .repeat_interleave(layout.kv_block, dim=3)[..., : layout.kv_len]
-        )
-        positions = torch.arange(layout.q_len, device=key_order.device) + layout.q_offset
+        rows = range(layout.q_len)[rows or slice(None)]
+        group = self.block_mask.shape[1] // key_order.shape[1]
+        queries = torch.arange(rows.start, rows.stop, device=key_order.device)
+        slots = self.block_mask[:, :, queries // layout.block_size].repeat_interleave(layout.kv_block, dim=3)
+        slots = slots[..., : layout.kv_len]
         original = key_order.repeat_interleave(group, dim=1)[:, :, None, :]
-        slots &= original <= positions[:, None]
+        slots &= original <= (queries + layout.q_offset)[:, None]
         return torch.zeros_like(slots).scatter_(-1, original.expand_as(slots), slots)
+
+
+# The dtypes FlexAttention's kernels (and the fused planning kernels) compute in.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_inputs(
@@ -107,6 +115,13 @@ def check_inputs(
             raise ValueError(f"{name} must have rank 4 [B, H, L, D], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} is {t.dtype}; flex_pbs computes in float32, bfloat16 or float16 (FlexAttention's "
+                f"kernels): cast the inputs first, e.g. q.float()"
+            )
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} must have at least one head, got shape {tuple(t.shape)}")
     for name, t in named[1:]:
         if t.dtype != q.dtype:
             raise TypeError(f"q and {name} must share a dtype, got {q.dtype} and {t.dtype}")
@@ -129,8 +144,10 @@ def check_inputs(
             if q.shape[2] < k.shape[2] and q_offset == 0
             else f"q_offset ({q_offset}) + query length ({q.shape[2]}) must equal key length ({k.shape[2]})"
         )
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
+    ):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
 
 def dense_causal_attention(
@@ -143,6 +160,80 @@ def dense_causal_attention(
     positions = torch.arange(q.shape[2], device=q.device) + q_offset
     visible = torch.arange(k.shape[2], device=q.device)[None, :] <= positions[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+
+
+# Query rows x keys of the token mask held at once by :func:`plan_restricted_attention`.
+_RESTRICTED_CHUNK_ELEMENTS = 1 << 26
+
+
+def plan_restricted_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PBSPlan, scale: float
+) -> torch.Tensor:
+    """Exact attention restricted to the plan's computed blocks (what the sparse kernel
+    computes), through SDPA with the plan's token mask, a chunk of query rows at a time:
+    ``[B, Hq, Lq, D]``. Memory O(B * Hq * chunk * Lk); time O(Lq * Lk), like dense attention.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` in the caller's key order.
+    """
+    batch, q_heads, q_len, _ = q.shape
+    rows = max(1, _RESTRICTED_CHUNK_ELEMENTS // max(1, batch * q_heads * k.shape[2]))
+    gqa = q_heads != k.shape[1]
+    chunks = [
+        F.scaled_dot_product_attention(
+            q[:, :, start : start + rows], k, v, attn_mask=plan.token_mask(slice(start, start + rows)),
+            scale=scale, enable_gqa=gqa,
+        )
+        for start in range(0, q_len, rows)
+    ]
+    return torch.cat(chunks, dim=2)
+
+
+def non_finite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PBSPlan) -> torch.Tensor:
+    """Rows SDPA restricted to the plan returns as NaN: bool ``[B, Hq, Lq, 1]``.
+
+    A row is NaN when its query is not finite, or when a key or value it attends (a key in one
+    of its computed blocks, causal) is not finite. FlexAttention's CPU kernel returns zeros for a
+    NaN query row and finite values for a NaN key inside a partial block, so PBS marks these rows
+    itself: a NaN in is a NaN out. Reads Q, K and V once; no host synchronisation.
+    """
+    layout = plan.layout
+    group = q.shape[1] // k.shape[1]
+    bad_query = ~torch.isfinite(q).all(dim=-1)
+    bad_key = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))  # [B, Hkv, Lk], caller order
+    rows = torch.arange(layout.q_len, device=q.device)
+    # Full blocks (outside the diagonal segment): every query of the block sees every key in it.
+    bad_block = bad_key.gather(-1, plan.key_order)
+    bad_block = F.pad(bad_block, (0, layout.num_kv_blocks * layout.kv_block - layout.kv_len))
+    bad_block = bad_block.view(*bad_block.shape[:2], layout.num_kv_blocks, layout.kv_block).any(-1)
+    full = plan.block_mask & ~layout.diagonal_blocks(q.device)
+    full_hit = (full & bad_block.repeat_interleave(group, dim=1)[:, :, None, :]).any(-1)[:, :, rows // layout.block_size]
+    # The diagonal segment, always computed, token-causal: a bad key between the segment's start
+    # and the row (original positions) reaches it.
+    bad_before = F.pad(bad_key.to(torch.int32).cumsum(-1), (1, 0))  # bad keys before each position
+    position = rows + layout.q_offset
+    segment_start = (layout.q_offset + rows // layout.block_size * layout.block_size) // layout.segment_size
+    diagonal_hit = (bad_before[..., position + 1] - bad_before[..., segment_start * layout.segment_size]) > 0
+    return (bad_query | full_hit | diagonal_hit.repeat_interleave(group, dim=1))[..., None]
+
+
+_warned_budget_spent = False
+
+
+def _attend_or_fall_back(q, k, v, k_perm, v_perm, plan: PBSPlan, scale: float, keys_in_order: bool) -> torch.Tensor:
+    """Stage 5 on the plan's BlockMask; once the process's CPU compile budget is spent, the same
+    result through :func:`plan_restricted_attention` (warned once per process)."""
+    global _warned_budget_spent
+    try:
+        return flex_attend(q, k_perm, v_perm, plan.flex_mask, scale, keys_in_order=keys_in_order)
+    except CompileBudgetSpent as error:
+        if not _warned_budget_spent:
+            _warned_budget_spent = True
+            warnings.warn(
+                f"{error}: this call and later new shapes run exact attention restricted to the plan "
+                "(same result, dense time and O(chunk x Lk) memory)", RuntimeWarning, stacklevel=3,
+            )
+        return plan_restricted_attention(q, k, v, plan, scale)
 
 
 def _dense_plan(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> PBSPlan:
@@ -163,7 +254,7 @@ def _plan_with_keys(
 ) -> tuple[PBSPlan, torch.Tensor]:
     """The plan and the permuted keys (so that attention does not gather them twice)."""
     layout = BlockLayout.from_config(config, q.shape[2], k.shape[2], q_offset)
-    if config.is_dense_for(k.shape[2]):
+    if config.is_dense_for(k.shape[2]) or _empty(q, k):
         return _dense_plan(q, k, layout), k
     key_order, k_perm = permute_stage(q, k, layout, config, scale)
     scores = score_stage(q, k_perm, key_order, layout, config, scale)
@@ -173,7 +264,24 @@ def _plan_with_keys(
 
 
 def _default_scale(q: torch.Tensor, scale: float | None) -> float:
-    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return float(scale) if scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
+
+
+def config_of(config: PBSConfig | Mapping[str, Any] | None) -> PBSConfig:
+    """``config`` as a :class:`PBSConfig`: None is the default, a mapping names fields."""
+    if config is None:
+        return PBSConfig()
+    if isinstance(config, PBSConfig):
+        return config
+    if isinstance(config, Mapping):
+        return PBSConfig.from_dict(config)
+    raise TypeError(f"config must be a PBSConfig, a mapping of its fields or None, got {type(config).__name__}")
+
+
+def _empty(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """No output element to compute (batch, queries or head dim is 0): SDPA returns an empty
+    tensor, and so does PBS."""
+    return q.shape[0] == 0 or q.shape[2] == 0 or q.shape[3] == 0
 
 
 def build_plan(
@@ -189,12 +297,12 @@ def build_plan(
     Args:
         q: ``[B, Hq, Lq, D]``.
         k: ``[B, Hkv, Lk, D]``; ``Hq`` a multiple of ``Hkv``.
-        config: defaults to ``PBSConfig()``.
+        config: a :class:`PBSConfig`, a mapping of its fields, or None (``PBSConfig()``).
         scale: softmax scale, default ``1/sqrt(D)``.
         q_offset: position of the first query among the keys; queries must be the last
             ``Lq`` positions (``Lk - Lq``, for chunked prefill).
     """
-    config = config or PBSConfig()
+    config = config_of(config)
     check_inputs(q, k, None, scale, q_offset)
     return _plan_with_keys(q, k, config, _default_scale(q, scale), q_offset)[0]
 
@@ -214,7 +322,7 @@ def pbs_attention(
     Args:
         q: ``[B, Hq, Lq, D]``.
         k, v: ``[B, Hkv, Lk, D]``; ``Hq`` a multiple of ``Hkv`` (GQA without copies).
-        config: defaults to ``PBSConfig()``.
+        config: a :class:`PBSConfig`, a mapping of its fields, or None (``PBSConfig()``).
         scale: softmax scale, default ``1/sqrt(D)`` (as in SDPA).
         q_offset: position of the first query among the keys (``Lk - Lq`` for chunked
             prefill; queries must be the last ``Lq`` positions).
@@ -223,16 +331,16 @@ def pbs_attention(
     Returns:
         ``[B, Hq, Lq, D]`` in the caller's query order (and the plan if asked).
     """
-    config = config or PBSConfig()
+    config = config_of(config)
     check_inputs(q, k, v, scale, q_offset)
     scale = _default_scale(q, scale)
     plan, k_perm = _plan_with_keys(q, k, config, scale, q_offset)
     if plan.dense:
-        out = dense_causal_attention(q, k, v, scale, q_offset)
+        out = q.new_empty(q.shape) if _empty(q, k) else dense_causal_attention(q, k, v, scale, q_offset)
         return (out, plan) if return_plan else out
     v_perm = v if config.permute == "none" else gather_stage(v, plan.key_order, config)  # values follow keys
-    flex_mask = plan.flex_mask
-    if not return_plan:
-        del plan  # block scores and masks are not needed while attending
-    out = flex_attend(q, k_perm, v_perm, flex_mask, scale, keys_in_order=config.permute == "none")
-    return (out, plan) if return_plan else out
+    attending = plan if return_plan else dataclasses.replace(plan, block_scores=None)  # scores not needed now
+    del plan
+    out = _attend_or_fall_back(q, k, v, k_perm, v_perm, attending, scale, keys_in_order=config.permute == "none")
+    out.masked_fill_(non_finite_rows(q, k, v, attending), float("nan"))
+    return (out, attending) if return_plan else out

@@ -16,6 +16,12 @@ from flex_pbs.engine.kernels import use_fused
 from flex_pbs.engine.layout import PAST_ANY_QUERY, BlockLayout, block_min_position, cdiv
 
 
+def _wide_enough(x: torch.Tensor) -> torch.Tensor:
+    """float16 products overflow past 65504 (raw q·k sums of large activations do); bf16 and
+    fp32 share fp32's range. Score float16 inputs in float32."""
+    return x.float() if x.dtype == torch.float16 else x
+
+
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad ``[..., L, D]`` along L to ``length``."""
     return F.pad(x, (0, 0, 0, length - x.shape[-2]))
@@ -89,6 +95,7 @@ def antidiagonal_block_scores(
     group = q_heads // kv_heads
     bs, n_q, n_k = layout.block_size, layout.num_q_blocks, layout.num_kv_blocks
     rows_per_block, slots_per_block = bs // stride, layout.kv_block // stride
+    q, k_perm = _wide_enough(q), _wide_enough(k_perm)
 
     # [B, Hkv, G, R, S, D]: each strided query row with its S queries in reverse order.
     q_rows = _pad_to(q, n_q * bs).reshape(batch, kv_heads, group, n_q * rows_per_block, stride, dim).flip(-2)

@@ -1,5 +1,6 @@
 """Fused GPU kernels (Triton). Imported lazily: the engine runs without Triton."""
 
+import os
 from functools import lru_cache
 from importlib.util import find_spec
 
@@ -19,8 +20,18 @@ def use_fused(x: torch.Tensor, backend: str) -> bool:
     """Whether a planning stage runs its Triton kernel for ``x``: ``backend="auto"`` on CUDA
     when Triton is installed, ``"triton"`` always (on CPU under ``TRITON_INTERPRET=1``),
     ``"torch"`` never."""
-    if backend != "auto":
-        return backend == "triton"
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("PBSConfig(backend='triton') needs Triton installed; use backend='auto' or 'torch'")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"PBSConfig(backend='triton') needs a CUDA device (inputs are on {x.device}); use "
+                "backend='auto' or 'torch' there, or set TRITON_INTERPRET=1 to run the kernels in "
+                "Triton's (slow) interpreter"
+            )
+        return True
     return x.is_cuda and triton_available()
 
 
