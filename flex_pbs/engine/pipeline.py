@@ -206,8 +206,13 @@ def non_finite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PBS
     bad_block = bad_key.gather(-1, plan.key_order)
     bad_block = F.pad(bad_block, (0, layout.num_kv_blocks * layout.kv_block - layout.kv_len))
     bad_block = bad_block.view(*bad_block.shape[:2], layout.num_kv_blocks, layout.kv_block).any(-1)
-    full = plan.block_mask & ~layout.diagonal_blocks(q.device)
-    full_hit = (full & bad_block.repeat_interleave(group, dim=1)[:, :, None, :]).any(-1)[:, :, rows // layout.block_size]
+    bad_block = bad_block.repeat_interleave(group, dim=1)[:, :, None, :]  # [B, Hq, 1, nK]
+    outside_diagonal = ~layout.diagonal_blocks(q.device)
+    chunk = max(1, _RESTRICTED_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * layout.num_kv_blocks))
+    full_hit = torch.cat([  # query blocks in chunks: no [B, Hq, nQ, nK] temporary at long lengths
+        (plan.block_mask[:, :, start : start + chunk] & bad_block & outside_diagonal[start : start + chunk]).any(-1)
+        for start in range(0, layout.num_q_blocks, chunk)
+    ], dim=2)[:, :, rows // layout.block_size]
     # The diagonal segment, always computed, token-causal: a bad key between the segment's start
     # and the row (original positions) reaches it.
     bad_before = F.pad(bad_key.to(torch.int32).cumsum(-1), (1, 0))  # bad keys before each position
