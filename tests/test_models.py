@@ -54,3 +54,34 @@ def test_passkey_prompt_hides_the_key_at_the_requested_depth():
         assert abs(where - depth) < 0.1
         assert 3500 < len(prompt) <= 4000
     assert token_ids(tok, "code", 300).shape == (1, 300)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load_smollm2()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["sdpa", "flex_pbs"])
+def test_bundled_model_generates_a_padded_batch_like_each_prompt_alone(smollm2, attention):
+    import flex_pbs
+    from flex_pbs import PBSConfig
+
+    model, tokenizer = smollm2
+    prompts = ['def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n', "The capital of France is"]
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    flex_pbs.register(PBSConfig(threshold=1.0), overwrite=True)
+    try:
+        model.set_attn_implementation(attention)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        alone = tokenizer(prompts[1:], return_tensors="pt")
+        assert batch.attention_mask[1].sum() < batch.attention_mask.shape[1]  # the short prompt is padded
+        with torch.no_grad():
+            together = model.generate(**batch, **kwargs)[1, batch.input_ids.shape[1] :]
+            expected = model.generate(**alone, **kwargs)[0, alone.input_ids.shape[1] :]
+    finally:
+        model.set_attn_implementation("sdpa")
+        flex_pbs.unregister()
+    assert tokenizer.decode(together[: len(expected)]) == tokenizer.decode(expected)
+    assert torch.equal(together[: len(expected)], expected)
+    assert tokenizer.padding_side == "left"

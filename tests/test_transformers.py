@@ -179,3 +179,155 @@ def test_decode_is_exact_with_padding(registered):
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "attention_mask": mask}
     with torch.no_grad():
         assert torch.equal(pbs.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+
+
+# ------------------------------------------------------------- layer indices (dense, thresholds)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"dense_layers": -1}, r"dense_layers=-1"), ({"dense_layers": [0, -2]}, r"dense_layers.*-2"),
+     ({"dense_layers": [1.5]}, r"dense_layers.*1\.5"), ({"layer_thresholds": {-1: 0.5}}, r"layer_thresholds.*-1")],
+)
+def test_negative_layer_indices_are_refused_at_register(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flex_pbs.register(name="flex_pbs_bad_layers", **kwargs)
+    with pytest.raises(KeyError):
+        flex_pbs.registration("flex_pbs_bad_layers")  # nothing half-registered
+    with pytest.raises(TypeError, match="dense_layers=None: pass an int n >= 0"):
+        flex_pbs.register(name="flex_pbs_bad_layers", dense_layers=None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"dense_layers": [99]}, r"dense_layers \[99\]: the model has 2 layers \(0\.\.1\)"),
+     ({"dense_layers": [1, 2, 7]}, r"dense_layers \[2, 7\]: the model has 2 layers \(0\.\.1\)"),
+     ({"dense_layers": 5}, r"dense_layers=5: the model has 2 layers"),
+     ({"layer_thresholds": {99: 0.5}}, r"layer_thresholds \[99\]: the model has 2 layers \(0\.\.1\)")],
+)
+def test_layer_indices_beyond_the_model_fail_at_apply_and_first_forward(kwargs, message):
+    flex_pbs.register(PBSConfig(threshold=1.0), overwrite=True, **kwargs)
+    try:
+        ref, pbs = models("llama")
+        with pytest.raises(ValueError, match=message):
+            flex_pbs.apply(ref)
+        assert ref.config._attn_implementation == "sdpa"  # left as it was
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            pbs(torch.randint(0, 1024, (1, 300)))
+    finally:
+        flex_pbs.unregister()
+
+
+def test_valid_layer_indices_keep_working():
+    flex_pbs.register(PBSConfig(threshold=1.0), dense_layers=2, layer_thresholds={1: 0.5}, collect_stats=True, overwrite=True)
+    try:
+        ref, pbs = models("llama")
+        flex_pbs.apply(ref)  # 2 of 2 layers dense is fine
+        with torch.no_grad():
+            pbs(torch.randint(0, 1024, (1, 600)))
+        assert all(s.path == "dense" for s in flex_pbs.stats(pbs).values())
+    finally:
+        flex_pbs.unregister()
+
+
+# ----------------------------------------------------------------- static caches, custom 4D masks
+
+
+STATIC = {"do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
+
+
+@pytest.fixture
+def registered_no_local():
+    """threshold 1.0 without forced local blocks, so that short prompts really run PBS."""
+    reg = flex_pbs.register(PBSConfig(threshold=1.0, force_local_blocks=0), collect_stats=True, overwrite=True)
+    yield reg
+    flex_pbs.unregister()
+
+
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("qwen3", {}), ("mistral", {"sliding_window": 256})])
+def test_static_cache_generate_matches_sdpa(registered_no_local, arch, overrides):
+    ref, pbs = models(arch, **overrides)
+    ids = torch.randint(1, 1024, (1, 600))
+    with torch.no_grad():
+        assert torch.equal(pbs.generate(ids, max_new_tokens=12, **STATIC), ref.generate(ids, max_new_tokens=12, **STATIC))
+    # The prefill ran PBS on the prompt's 600 keys, not on the cache's empty slots (a sliding
+    # window the prompt exceeds runs exactly).
+    path = "exact" if overrides else "pbs"
+    assert all(s.path == path and s.q_len == 600 for s in flex_pbs.stats(pbs).values())
+    assert overrides or all(s.kv_len == 600 for s in flex_pbs.stats(pbs).values())
+
+
+def test_static_cache_generate_with_left_padding_matches_sdpa(registered_no_local):
+    ref, pbs = models("llama")
+    ids = torch.randint(1, 1024, (2, 520))
+    mask = torch.ones(2, 520, dtype=torch.long)
+    mask[1, :130] = 0
+    kwargs = {"attention_mask": mask, "max_new_tokens": 10, **STATIC}
+    with torch.no_grad():
+        assert torch.equal(pbs.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+
+
+def test_static_cache_generate_with_a_sparse_threshold():
+    flex_pbs.register(PBSConfig(threshold=0.5, force_local_blocks=0), collect_stats=True, overwrite=True)
+    try:
+        _, pbs = models("llama")
+        ids = torch.randint(1, 1024, (1, 1024))
+        with torch.no_grad():
+            out = pbs.generate(ids, max_new_tokens=6, output_logits=True, return_dict_in_generate=True, **STATIC)
+        assert out.sequences.shape == (1, 1030)
+        assert all(torch.isfinite(step).all() for step in out.logits)
+        stats = flex_pbs.stats(pbs)
+        assert all(s.path == "pbs" and s.kv_len >= 1024 and s.density.mean() < 1 for s in stats.values())
+    finally:
+        flex_pbs.unregister()
+
+
+def packed_mask(length: int, starts: list[int], fill: float | None) -> torch.Tensor:
+    """``[1, 1, L, L]``: causal attention within each packed sequence; boolean (``fill`` None)
+    or additive (0 where visible, ``fill`` elsewhere)."""
+    segment = torch.zeros(length, dtype=torch.long)
+    for start in starts:
+        segment[start:] += 1
+    pos = torch.arange(length)
+    allowed = (pos[None] <= pos[:, None]) & (segment[None] == segment[:, None])
+    if fill is None:
+        return allowed[None, None]
+    return torch.zeros(length, length).masked_fill(~allowed, fill)[None, None]
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min, None], ids=["-inf", "min", "bool"])
+def test_custom_4d_masks_run_exactly_like_sdpa(registered, fill):
+    ref, pbs = models("llama")
+    ids = torch.randint(1, 1024, (2, 500))
+    mask = packed_mask(500, [200, 330], fill).expand(2, 1, 500, 500)
+    with torch.no_grad():
+        out, expected = pbs(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert rel_error(out, expected) < 1e-5
+    assert all(s.path == "exact" for s in flex_pbs.stats(pbs).values())
+
+
+def test_integer_4d_masks_are_refused_with_a_hint(registered):
+    _, pbs = models("llama")
+    mask = packed_mask(100, [50], None).long()
+    with pytest.raises(TypeError, match=r"boolean \(True = attend\) or additive float"), torch.no_grad():
+        pbs(torch.randint(1, 1024, (1, 100)), attention_mask=mask)
+
+
+def test_compiled_static_cache_generate_matches_sdpa(registered_no_local):
+    """What generate() does on a GPU with a static cache: compile the decode step (here with
+    dynamo's eager backend, which needs no compiler, and on every device)."""
+    from transformers import CompileConfig
+
+    ref, pbs = models("llama")
+    ids = torch.randint(1, 1024, (1, 300))
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = pbs.generate(ids, max_new_tokens=6, compile_config=compile_config, **STATIC)
+            expected = ref.generate(ids, max_new_tokens=6, **STATIC)
+    finally:
+        torch._dynamo.reset()
+    assert hasattr(pbs, "_compiled_call")  # the decode steps ran compiled
+    assert torch.equal(compiled, expected)

@@ -9,18 +9,23 @@ Registration adds two entries, both through transformers' public interfaces and 
   batches → PBS per sequence when every row's real tokens are contiguous (left or right
   padding), exact SDPA otherwise; non-causal patterns (a sliding window that the sequence
   exceeds, packed sequences, custom overlays) → exact SDPA with transformers' own mask;
+  custom 4D masks (boolean, or additive float 0 / -inf) → exact SDPA with that mask;
 * a mask function (``AttentionMaskInterface``) that hands layers a compact :class:`PBSMask`
   (padding and offsets, O(B·L)) instead of an L×L tensor. Without it transformers would pass
   ``attention_mask=None`` and padding would be silently lost.
+
+Static caches (``cache_implementation="static"``, what compiled generation uses) work the same
+way: the keys past the last query are the cache's empty slots and are never attended.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +56,11 @@ class PBSMask:
     """What each attention layer receives as ``attention_mask`` under flex_pbs.
 
     Attributes:
-        padding: bool ``[B, kv_len]`` (True = real token), or None when nothing is padded.
+        padding: bool ``[B, q_offset + q_len]`` (True = real token) over the keys the queries
+            can see, or None when none of them is padding. Keys past the last query (the empty
+            slots of a static cache) are never visible.
         q_len, q_offset: queries are positions ``q_offset .. q_offset + q_len - 1``.
-        kv_len: number of key/value positions.
+        kv_len: number of key/value positions the layer receives (a static cache's full length).
         causal: True when the pattern is plain causal attention (plus padding); otherwise
             the layer runs exact attention with :meth:`dense`.
     """
@@ -65,6 +72,11 @@ class PBSMask:
     causal: bool
     mask_kwargs: dict = field(repr=False, compare=False, default_factory=dict)
 
+    # With a compilable (static) cache, ``generate`` builds the mask itself and passes it back
+    # into the model's forward, whose mask preparation tells a 2D padding mask from a prepared
+    # one by ``ndim``; a PBSMask is a prepared one (see :func:`pbs_mask`).
+    ndim = 4
+
     def dense(self) -> torch.Tensor:
         """transformers' exact boolean mask ``[B, 1, q_len, kv_len]`` for this call."""
         return sdpa_mask(**{**self.mask_kwargs, "allow_is_causal_skip": False})
@@ -72,6 +84,10 @@ class PBSMask:
 
 def pbs_mask(**kwargs: Any) -> PBSMask:
     """Mask function registered in ``AttentionMaskInterface``: O(B·L), never L×L."""
+    if isinstance(kwargs.get("attention_mask"), PBSMask):
+        # generate() with a static cache made this call's mask already and hands it back in:
+        # build it again from the padding it was made from (same cache state, same sizes).
+        kwargs["attention_mask"] = kwargs["attention_mask"].mask_kwargs.get("attention_mask")
     kv_len = int(kwargs["kv_length"])
     kv_offset = int(kwargs.get("kv_offset", 0))
     if "q_length" in kwargs:  # transformers >= 5.2x
@@ -79,10 +95,12 @@ def pbs_mask(**kwargs: Any) -> PBSMask:
     else:  # earlier 5.x pass the query positions
         positions = kwargs["cache_position"]
         q_len, q_offset = positions.shape[0], positions[0]
-    q_offset = int(q_offset)
+    q_offset = int(q_offset)  # a tensor with a static cache
     padding = prepare_padding_mask(kwargs.get("attention_mask"), kv_len, kv_offset)
-    if padding is not None and bool(padding.all()):
-        padding = None
+    if padding is not None:  # absolute positions → the keys these queries can see
+        padding = padding[:, kv_offset : q_offset + q_len].bool()
+        if bool(padding.all()):
+            padding = None
     window = kwargs.get("local_size")
     causal = kwargs.get("mask_function", causal_mask_function) is causal_mask_function or (
         window is not None and q_offset + q_len <= window
@@ -124,6 +142,28 @@ class PBSRegistration:
     stats: "weakref.WeakKeyDictionary[torch.nn.Module, LayerStats]" = field(
         default_factory=weakref.WeakKeyDictionary, repr=False
     )
+    dense_count: int | None = None  # dense_layers as given when it was an int n ("the first n")
+    _fitting_layer_counts: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def check_layer_count(self, num_layers: int | None) -> None:
+        """Raise ``ValueError`` if ``dense_layers`` or ``layer_thresholds`` name layers that a
+        model of ``num_layers`` layers does not have (no check when the count is unknown)."""
+        if num_layers is None or num_layers in self._fitting_layer_counts:
+            return
+        has = f"the model has {num_layers} layers (0..{num_layers - 1})" if num_layers else "the model has no layers"
+        if self.dense_count is not None and self.dense_count > num_layers:
+            raise ValueError(
+                f"dense_layers={self.dense_count}: {has}; register(..., name={self.name!r}, "
+                f"dense_layers=n) needs n <= {num_layers}"
+            )
+        for argument, layers in (("dense_layers", self.dense_layers), ("layer_thresholds", self.layer_thresholds)):
+            beyond = sorted(layer for layer in layers if layer >= num_layers)
+            if beyond:
+                raise ValueError(
+                    f"{argument} {beyond}: {has}; register {self.name!r} again "
+                    f"(overwrite=True) with indices below {num_layers}"
+                )
+        self._fitting_layer_counts.add(num_layers)
 
     def config_for(self, layer: int | None) -> PBSConfig | None:
         """The config of one layer, or None if the layer runs dense."""
@@ -157,6 +197,10 @@ def register(
         dense_layers: run these layer indices dense (an int ``n`` means the first ``n``).
         layer_thresholds: per-layer threshold overrides, ``{layer_idx: threshold}``, or the
             path of a file written by ``flex-pbs-calibrate``.
+
+            Layer indices count from 0; negative ones raise ``ValueError`` here, and indices
+            (or an ``n``) beyond a model's layers raise ``ValueError`` at :func:`apply` or at
+            the first forward pass of that model.
         collect_stats: record density per layer and head on every prefill
             (read with :func:`stats`); ``stats_recall`` also computes attention recall
             (exact attention probabilities: costly).
@@ -177,15 +221,52 @@ def register(
         config = PBSConfig.from_dict(config)
     elif not isinstance(config, PBSConfig):
         raise TypeError(f"config must be a PBSConfig or a mapping, got {type(config).__name__}")
-    dense = frozenset(range(dense_layers)) if isinstance(dense_layers, int) else frozenset(dense_layers)
+    dense, dense_count = _check_dense_layers(dense_layers)
     if isinstance(layer_thresholds, (str, Path)):
         thresholds = load_layer_thresholds(layer_thresholds)
     else:
-        thresholds = check_layer_thresholds(layer_thresholds or {})
-    registration = PBSRegistration(name, config, dense, thresholds, collect_stats, stats_recall)
+        try:
+            thresholds = check_layer_thresholds(layer_thresholds or {})
+        except ValueError as error:
+            raise ValueError(f"layer_thresholds: {error}") from None
+    registration = PBSRegistration(
+        name, config, dense, thresholds, collect_stats, stats_recall, dense_count=dense_count
+    )
     add_attention(name, registration, pbs_mask)
     _REGISTRY[name] = registration
     return registration
+
+
+def _check_dense_layers(dense_layers: int | Iterable[int]) -> tuple[frozenset[int], int | None]:
+    """``(layer indices, n)`` from ``dense_layers``; ``n`` is set when an int ``n`` was given."""
+    if isinstance(dense_layers, int) and not isinstance(dense_layers, bool):
+        if dense_layers < 0:
+            raise ValueError(
+                f"dense_layers={dense_layers}: an int n means the first n layers and must be >= 0 "
+                "(pass a list of indices >= 0 to pick layers)"
+            )
+        return frozenset(range(dense_layers)), dense_layers
+    if isinstance(dense_layers, (bool, str, bytes)) or not isinstance(dense_layers, Iterable):
+        raise TypeError(
+            f"dense_layers={dense_layers!r}: pass an int n >= 0 (the first n layers) or a list of layer indices"
+        )
+    layers = list(dense_layers)
+    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
+    if bad:
+        raise ValueError(
+            f"dense_layers {layers!r}: {', '.join(map(repr, bad))} "
+            f"{'is not a layer index' if len(bad) == 1 else 'are not layer indices'} "
+            "(ints >= 0 counted from the first layer; negative indices are not supported)"
+        )
+    return frozenset(layers), None
+
+
+def _num_layers(config) -> int | None:
+    """The number of decoder layers a transformers config declares, if it declares one."""
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int) and hasattr(config, "get_text_config"):  # a composite model's config
+        count = getattr(config.get_text_config(), "num_hidden_layers", None)
+    return count if isinstance(count, int) else None
 
 
 def unregister(name: str = DEFAULT_NAME) -> None:
@@ -210,13 +291,14 @@ def apply(model: torch.nn.Module, name: str = DEFAULT_NAME) -> torch.nn.Module:
     tell that a model without ``AttentionInterface`` dispatch will silently keep its own
     attention; this does.
     """
-    registration(name)
+    reg = registration(name)
     if not getattr(type(model), "_supports_attention_backend", False):
         raise TypeError(
             f"{type(model).__name__} does not dispatch attention through transformers' "
             "AttentionInterface (_supports_attention_backend is False), so flex_pbs cannot "
             "replace its attention"
         )
+    reg.check_layer_count(_num_layers(getattr(model, "config", None)))
     model.set_attn_implementation(name)
     return model
 
@@ -257,8 +339,9 @@ def exact_attention(
     mask: torch.Tensor | None = None,
     q_offset: int | None = None,
 ) -> torch.Tensor:
-    """Exact SDPA. ``mask``: boolean ``[B, 1, Lq, Lk]``; without one, causal attention with
-    the queries at ``q_offset`` (default: the last ``Lq`` positions). Rows with no visible key
+    """Exact SDPA. ``mask``: ``[B, 1, Lq, Lk]``, boolean (True = visible) or additive float
+    (0 / -inf, added to the scores as SDPA does); without one, causal attention with the
+    queries at ``q_offset`` (default: the last ``Lq`` positions). Rows with no visible key
     return zeros instead of NaN."""
     q_len, kv_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
@@ -267,8 +350,18 @@ def exact_attention(
         if q_offset == 0 and q_len == kv_len:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         mask = _causal(q_len, kv_len, q_offset, q.device)
-    empty = ~mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale, enable_gqa=gqa)
+    if mask.dtype == torch.bool:
+        empty = ~mask.any(dim=-1, keepdim=True)
+        mask = mask | empty
+    elif mask.is_floating_point():
+        mask = mask.to(q.dtype)
+        empty = torch.isneginf(mask).all(dim=-1, keepdim=True)
+        mask = mask.masked_fill(empty, 0.0)
+    else:
+        raise TypeError(
+            f"attention masks must be boolean (True = attend) or additive float (0 / -inf); got {mask.dtype}"
+        )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.masked_fill(empty, 0.0)
 
 
@@ -329,16 +422,16 @@ def _attention_forward(reg: PBSRegistration, module, query, key, value, attentio
         raise RuntimeError("flex_pbs is an inference (prefill) attention: attention dropout is not supported")
     if not getattr(module, "is_causal", True):
         raise ValueError(f"flex_pbs supports causal attention only; {type(module).__name__} is not causal")
+    reg.check_layer_count(_num_layers(getattr(module, "config", None)))
     config = reg.config_for(getattr(module, "layer_idx", None))
     q_len, kv_len = query.shape[2], key.shape[2]
     parts: list[_Part] | None = None
 
     if isinstance(attention_mask, torch.Tensor) or (isinstance(attention_mask, PBSMask) and not attention_mask.causal):
-        # A custom 4D mask, or a pattern PBS does not model (e.g. a sliding window it exceeds).
+        # A custom 4D mask (boolean or additive float, run as SDPA runs it), or a pattern PBS
+        # does not model (e.g. a sliding window it exceeds).
         dense_mask = attention_mask if isinstance(attention_mask, torch.Tensor) else attention_mask.dense()
-        if dense_mask.dtype != torch.bool:
-            raise TypeError("flex_pbs takes boolean 4D masks; got an additive float mask")
-        out, path = exact_attention(query, key, value, scaling, dense_mask), "exact"
+        out, path = exact_attention(query, key, value, scaling, dense_mask[..., : key.shape[2]]), "exact"
     else:
         mask = attention_mask or PBSMask(None, q_len, kv_len - q_len, kv_len, True)
         # Static caches hold slots past the last query: they are never visible.

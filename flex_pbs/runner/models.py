@@ -45,7 +45,8 @@ def load_smollm2(
     """SmolLM2-135M-Instruct (Llama, 30 layers, 9/3 heads, head_dim 64, 8K context), offline.
 
     Returns ``(model, tokenizer)``; the model is in eval mode. The Q4_1 weights are
-    dequantised to ``dtype`` on load.
+    dequantised to ``dtype`` on load. The tokenizer pads on the left, as ``generate`` on a
+    padded batch needs (every prompt then ends where generation continues).
     """
     folder = smollm2_folder()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,6 +63,8 @@ def load_smollm2(
             )
     finally:
         hf_logging.set_verbosity(verbosity)
+    # The GGUF tokenizer pads on the right: a padded batch would then continue from padding.
+    tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer
 
 
