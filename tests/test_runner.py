@@ -88,6 +88,8 @@ def test_method_overrides_reach_the_engine():
         (["method=dense", "method.threshold=0.5"], ConfigError, r"method 'dense' takes no engine options"),
         (["+method.treshold=0.5"], ConfigError, r"method.treshold is not a configurable key; did you mean method.threshold"),
         (["+task.tail_tokenz=5"], ConfigError, r"task.tail_tokenz is not a configurable key"),
+        (["+threshold=0.5"], ConfigError, r"threshold is not a configurable key; did you mean method.threshold=0.5\?"),
+        (["task=passkey", "+depths=[0.5]"], ConfigError, r"did you mean task.depths=\[0.5\] \(task=passkey\)\?"),
         (["model=tiny_llama", "model.arch=gpt2"], ConfigError, r"model.arch must be one of"),
         (["task=passkey", "task.depths=[0.5,1.5]"], ConfigError, r"task.depths\[\] must be in \[0, 1\], got 1.5"),
         (["task=attention_stats", "method=dense"], ConfigError, r"attention_stats .* dense has none"),
@@ -177,6 +179,37 @@ def test_passkey_task(tmp_path):
         assert row["accuracy"] == sum(t["correct"] for t in trials) / 2
         assert all(t["correct"] == (str(t["passkey"]) in t["output"]) for t in trials)
     assert (tmp_path / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_passkey_plot_keeps_identical_series_apart(monkeypatch, tmp_path):
+    """Methods with the same accuracies must not hide each other: each series has its own
+    marker and sits slightly beside the others, near its depth."""
+    from matplotlib.figure import Figure
+
+    from flex_pbs.runner.tasks import passkey
+
+    figures = []
+
+    class Recorded(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(passkey, "Figure", Recorded)
+    depth_keys = [("depth_0.1", 0.1), ("depth_0.5", 0.5), ("depth_0.9", 0.9)]
+    same = {"depth_0.1": 1.0, "depth_0.5": 1.0, "depth_0.9": 0.5}
+    rows = [{"method": m, "length": 4096, **same} for m in ("dense", "pbs", "xattention")]
+    passkey.plot_passkey(rows, depth_keys, tmp_path / "passkey.png")
+    assert (tmp_path / "passkey.png").read_bytes()[:8] == PNG_MAGIC
+    (figure,) = figures
+    lines = figure.axes[0].get_lines()
+    assert len(lines) == 3
+    assert len({line.get_marker() for line in lines}) == 3
+    xs = [tuple(line.get_xdata()) for line in lines]
+    assert len(set(xs)) == 3
+    for x in xs:
+        assert x == pytest.approx([0.1, 0.5, 0.9], abs=0.05)
+    assert [list(line.get_ydata()) for line in lines] == [[1.0, 1.0, 0.5]] * 3  # the values stay exact
 
 
 def test_attention_stats_task(tmp_path):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +27,7 @@ from flex_pbs.analysis.calibration import (
 )
 from flex_pbs.engine.methods import METHODS, method_config
 from flex_pbs.integrations.layer_thresholds import FORMAT, save_layer_thresholds
+from flex_pbs.runner.checks import ArgumentParser, device_problems, fail
 from flex_pbs.runner.data import TEXTS, token_ids
 from flex_pbs.runner.report import Column, format_table
 
@@ -41,7 +44,10 @@ def measure(args: argparse.Namespace) -> dict:
     config = method_config(args.method)
     model, tokenizer = load_smollm2("sdpa", getattr(torch, args.dtype), args.device)
     ids = token_ids(tokenizer, args.text, args.seq_len, offset=args.offset).to(args.device)
-    dense_loss, measurements = measure_layer_sensitivity(model, ids, config, args.thresholds, args.layers)
+    # Progress bars only on a terminal: redirected stderr gets no carriage returns.
+    dense_loss, measurements = measure_layer_sensitivity(
+        model, ids, config, args.thresholds, args.layers, progress=sys.stderr.isatty()
+    )
     return {
         "model": "SmolLM2-135M-Instruct",
         "method": args.method,
@@ -63,8 +69,11 @@ def reuse(path: Path) -> dict:
     """The calibration record of an earlier thresholds or measurements file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    payload = json.loads(path.read_text())
-    if payload.get("format") not in (FORMAT, MEASUREMENTS_FORMAT) or "measurements" not in payload:
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, MEASUREMENTS_FORMAT) or "measurements" not in payload:
         raise ValueError(f"{path} is not a flex-pbs-calibrate file with measurements")
     return {key: value for key, value in payload.items() if key not in ("format", "layer_thresholds", "target_density", "predicted")}
 
@@ -80,8 +89,31 @@ def choice_table(record: dict, thresholds: dict[int, float]) -> str:
     return format_table(rows, columns)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` for arguments the run would fail on, before any model loads."""
+    if not 0 < args.target_density <= 1:
+        raise ValueError(f"--target-density must be in (0, 1], got {args.target_density}")
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; name the thresholds file to write")
+    if args.reuse:
+        return  # nothing below is used
+    device_problems(args.device, "--device")
+    for threshold in args.thresholds:
+        try:
+            method_config(args.method, threshold=threshold)
+        except (TypeError, ValueError) as error:
+            message = re.sub(r"^PBSConfig\.", "", str(error))
+            raise ValueError(f"--thresholds: {message}") from None
+    for option, value, least in (("--seq-len", args.seq_len, 2), ("--offset", args.offset, 0)):
+        if value < least:
+            raise ValueError(f"{option} must be >= {least}, got {value}")
+    for layer in args.layers or ():
+        if layer < 0:
+            raise ValueError(f"--layers must be >= 0, got {layer}")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flex-pbs-calibrate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="flex-pbs-calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--target-density", type=float, required=True, help="mean density budget over layers, in (0, 1]")
     p.add_argument("--out", type=Path, required=True, help="the layer thresholds file to write (JSON)")
     p.add_argument("--reuse", type=Path, help="choose from this earlier file's measurements (no model run)")
@@ -101,18 +133,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     try:
+        check_args(args)
         if args.reuse:
             record = reuse(args.reuse)
         else:
+            measured = measurements_path(args.out)
+            measured.parent.mkdir(parents=True, exist_ok=True)  # before the costly run
             record = measure(args)
             # The measurements cost many forward passes: keep them whatever the choice gives.
-            measured = measurements_path(args.out)
             measured.write_text(json.dumps({"format": MEASUREMENTS_FORMAT, **record}, indent=1) + "\n")
             print(f"measurements: {measured} (choose again with --reuse)")
         thresholds, predicted = choose_layer_thresholds(measurements_from_records(record["measurements"]), args.target_density)
-    except (ValueError, FileNotFoundError) as error:
-        p.exit(2, f"flex-pbs-calibrate: {error}\n")
-    save_layer_thresholds(args.out, thresholds, target_density=args.target_density, predicted=predicted, **record)
+        save_layer_thresholds(args.out, thresholds, target_density=args.target_density, predicted=predicted, **record)
+    except (ValueError, OSError) as error:  # bad arguments, a missing, unwritable or broken file
+        fail(p.prog, error)
     print(choice_table(record, thresholds))
     print(
         f"\npredicted on the calibration window: mean density {predicted['density']:.3f}, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.methods import METHODS, method_config
 from flex_pbs.integrations.layer_thresholds import load_layer_thresholds
-from flex_pbs.runner.checks import ConfigError, non_negative_int, positive_int, require
+from flex_pbs.runner.checks import (
+    ConfigError,
+    device_problems,
+    non_negative_int,
+    positive_int,
+    require,
+)
 from flex_pbs.runner.data import TEXTS
 from flex_pbs.runner.models import TINY_ARCHITECTURES
 from flex_pbs.runner.tasks import TASKS
@@ -92,13 +99,69 @@ class RunConfig:
     layer_thresholds: Optional[str] = None
 
 
+def field_names(schema: type) -> set[str]:
+    """The field names of a dataclass."""
+    return {f.name for f in dataclasses.fields(schema)}
+
+
+def misplaced_key_hint(key: str, value: str | None = None) -> str | None:
+    """Where a top-level key that the run lacks belongs, as the override to write instead:
+    ``method.<key>=<value>`` (a PBSConfig field), ``model.<key>=...`` or ``task.<key>=...``
+    (naming the tasks that have it unless all do); None when no node has it (and for ``name``,
+    which every node has: ``method=...`` picks a config file)."""
+    top = key.split(".", 1)[0]
+    if top == "name":
+        return None
+    assignment = key if value is None else f"{key}={value}"
+    hints = [f"{node}.{assignment}" for node, schema in (("method", MethodConfig), ("model", ModelConfig))
+             if top in field_names(schema)]
+    tasks = [name for name, task in TASKS.items() if top in field_names(task.schema)]
+    if tasks:
+        which = "" if len(tasks) == len(TASKS) else f" (task={'|'.join(tasks)})"
+        hints.append(f"task.{assignment}{which}")
+    return " or ".join(hints) or None
+
+
+def override_text(value: Any) -> str:
+    """A config value as a command-line override writes it (``2``, ``true``, ``[0.5]``, ``code``)."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+HELP_RESOLVER = "flex_pbs.run_help"
+
+
+def help_config(*, _root_: DictConfig) -> str:
+    """The composed run config as ``flex-pbs-run --help`` shows it (resolver ``${flex_pbs.run_help:}``
+    of the help template in ``configs/config.yaml``): Hydra's node left out, and the method
+    node's nulls ("the preset's value") replaced by the chosen preset's values from
+    :data:`~flex_pbs.engine.methods.METHODS`, so that the help shows what would run; ``dense``
+    shows its name alone. Interpolations stay unresolved, as in Hydra's own ``$CONFIG``;
+    ``$`` is escaped for the template."""
+    config = OmegaConf.to_container(_root_, resolve=False)
+    config.pop("hydra", None)
+    method = config.get("method")
+    if isinstance(method, dict) and method.get("name") in METHODS:
+        preset = METHODS[method["name"]]
+        if preset is None:
+            config["method"] = {key: value for key, value in method.items() if value is not None}
+        else:
+            config["method"] = {
+                key: getattr(preset, key, None) if value is None else value for key, value in method.items()
+            }
+    return OmegaConf.to_yaml(config).replace("$", "$$")
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore, outside any group so that ``--help`` lists only
-    real choices (``configs/config.yaml`` and the task files name them in their defaults)."""
+    real choices (``configs/config.yaml`` and the task files name them in their defaults), and
+    register the resolver of the help text."""
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=RunConfig)
     for name, task in TASKS.items():
         store.store(name=f"{TASK_SCHEMA_PREFIX}{name}", node=task.schema)
+    OmegaConf.register_new_resolver(HELP_RESOLVER, help_config, replace=True)
 
 
 register_configs()
@@ -144,6 +207,10 @@ def unknown_key_problems(node: DictConfig, prefix: str = "") -> None:
     for key in node.keys():
         path = f"{prefix}{key}"
         if key not in known:
+            if not prefix:  # a top-level key that a node has (``+threshold=0.9``) belongs in that node
+                nested = misplaced_key_hint(str(key), override_text(OmegaConf.to_container(node, resolve=False)[key]))
+                if nested:
+                    raise ConfigError(f"{path} is not a configurable key; did you mean {nested}?")
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {prefix}{close[0]}? " if close else ""
             raise ConfigError(f"{path} is not a configurable key; {hint}valid keys: {known}")
@@ -185,15 +252,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
         return torch.float32 if device == "cpu" else torch.bfloat16
     require(name in DTYPES, f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def device_problems(device: str) -> None:
-    """Raise :class:`ConfigError` for an unknown or unavailable device."""
-    require(
-        re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None, f"device must be 'cpu' or 'cuda[:N]', got {device!r}"
-    )
-    if device.startswith("cuda"):
-        require(torch.cuda.is_available(), f"device={device} but torch.cuda.is_available() is False")
 
 
 def dense_layers_value(value: Any) -> int | tuple[int, ...]:

@@ -9,7 +9,6 @@ table.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -17,9 +16,19 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from flex_pbs.runner.checks import ArgumentParser, fail
 from flex_pbs.runner.report import Column, format_table, write_csv
 
 SWEPT_TASK = "perplexity"
+# What the summary reads of a perplexity results.json (other fields are optional: runs made by
+# other versions may lack them): key paths of the payload, keys of every row, of sparse rows.
+RESULTS_KEYS = (("rows",), ("overrides",), ("config", "model", "name"), ("config", "text"))
+ROW_KEYS = ("method", "seq_len", "perplexity", "tail_perplexity", "tail_tokens", "density")
+SPARSE_ROW_KEYS = ("engine",)
+
+
+class ResultsError(ValueError):
+    """A ``results.json`` the summary cannot read; the message starts with its path."""
 
 
 def find_results(root: Path) -> list[Path]:
@@ -29,14 +38,50 @@ def find_results(root: Path) -> list[Path]:
     return sorted(root.rglob("results.json"))
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """The payload of a ``results.json``; :class:`ResultsError` if it is not a JSON object."""
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultsError(f"{path}: not valid JSON ({error}); a truncated file? rerun its job or move it away") from None
+    if not isinstance(payload, dict):
+        raise ResultsError(f"{path}: not a JSON object, not a flex-pbs-run results file")
+    return payload
+
+
+def missing_key(payload: dict[str, Any]) -> str | None:
+    """The first key that a perplexity results payload lacks and the summary reads, as a
+    message (``missing key 'config.model'``), or None."""
+    for keys in RESULTS_KEYS:
+        node: Any = payload
+        for depth, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                return f"missing key {'.'.join(keys[: depth + 1])!r}"
+            node = node[key]
+    if not isinstance(payload["rows"], list) or not all(isinstance(row, dict) for row in payload["rows"]):
+        return "'rows' is not a list of rows"
+    for i, row in enumerate(payload["rows"]):
+        sparse = row.get("method") != "dense"
+        for key in ROW_KEYS + (SPARSE_ROW_KEYS if sparse else ()):
+            if key not in row:
+                return f"rows[{i}] (method {row.get('method')}) has no key {key!r}"
+        if sparse and not isinstance(row["engine"], dict):
+            return f"rows[{i}] (method {row.get('method')}): 'engine' is not a mapping"
+    return None
+
+
 def load_runs(paths: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """``(perplexity results, skipped)``: results of other tasks are listed as skipped."""
+    """``(perplexity results, skipped)``: results of other tasks are listed as skipped; a file
+    that is not JSON or lacks a key the summary reads raises :class:`ResultsError`."""
     runs, skipped = [], []
     for path in paths:
-        payload = json.loads(path.read_text())
+        payload = read_results(path)
         if payload.get("task") != SWEPT_TASK:
             skipped.append(f"{path} (task={payload.get('task')})")
             continue
+        problem = missing_key(payload)
+        if problem:
+            raise ResultsError(f"{path}: {problem} (a perplexity results.json of flex-pbs-run)")
         runs.append({**payload, "path": path})
     return runs, skipped
 
@@ -181,14 +226,14 @@ def summarize(root: Path, out_dir: Path | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``flex-pbs-sweep``."""
-    parser = argparse.ArgumentParser(prog="flex-pbs-sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="flex-pbs-sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("multirun_dir", type=Path, help="the directory of a `flex-pbs-run -m` sweep")
     parser.add_argument("--out", type=Path, default=None, help="where to write sweep.* (default: multirun_dir)")
     args = parser.parse_args(argv)
     try:
         table = summarize(args.multirun_dir, args.out)
-    except FileNotFoundError as error:
-        parser.exit(2, f"flex-pbs-sweep: {error}\n")
+    except (OSError, ResultsError) as error:  # a missing directory or file, a broken results.json
+        fail(parser.prog, error)
     out = args.out or args.multirun_dir
     print(f"{table}\n\nwritten: {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
 

@@ -76,7 +76,7 @@ def attention_stats_task(spec: RunSpec, session: Session) -> tuple[TaskResult, C
     task = spec.task
     captured = capture_qkv(session.model, evaluation_ids(spec, session), task.layers)
     per_layer = {}
-    for layer, (q, k, _) in tqdm(captured.items(), desc="layers", unit="layer"):
+    for layer, (q, k, _) in tqdm(captured.items(), desc="layers", unit="layer", disable=None):
         per_layer[layer] = layer_plan_stats(
             q.to(session.device), k.to(session.device), spec.engine, task.recall, task.recall_query_blocks, spec.seed
         )

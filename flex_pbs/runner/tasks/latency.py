@@ -55,7 +55,7 @@ def latency_of(method: Method, spec: RunSpec, session: Session, ids: torch.Tenso
     with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds):
         times = [
             timed_forward(session, ids, logits_to_keep=1)[1]
-            for _ in tqdm(range(spec.task.repeats), desc=f"prefill {method.name}", unit="pass", leave=False)
+            for _ in tqdm(range(spec.task.repeats), desc=f"prefill {method.name}", unit="pass", leave=False, disable=None)
         ]
     median = statistics.median(times)
     return {
@@ -86,7 +86,7 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
 def latency_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callable[[Path], None]]:
     """Median prefill wall time per method, its speed-up over dense, and compile time apart."""
     ids = evaluation_ids(spec, session)
-    rows = [latency_of(m, spec, session, ids) for m in tqdm(compared_methods(spec), desc="methods", unit="method")]
+    rows = [latency_of(m, spec, session, ids) for m in tqdm(compared_methods(spec), desc="methods", unit="method", disable=None)]
     for row in rows:
         row["speedup"] = rows[0]["prefill_s"] / row["prefill_s"]
     columns = [

@@ -56,13 +56,34 @@ def depth_key(depth: float) -> str:
     return f"depth_{depth:g}"
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def depth_offsets(depths: list[float], series: int) -> list[float]:
+    """Horizontal offsets that set ``series`` lines side by side around each depth (accuracies
+    are often equal across methods, and equal lines would hide each other): about 0.015 apart,
+    all of them within a quarter of the gap between neighbouring depths."""
+    distinct = sorted(set(depths))
+    gap = min((b - a for a, b in zip(distinct, distinct[1:])), default=1.0)
+    step = min(0.015, 0.5 * gap / max(series - 1, 1))
+    return [(i - (series - 1) / 2) * step for i in range(series)]
+
+
 def plot_passkey(rows: list[dict[str, Any]], depth_keys: list[tuple[str, float]], path: Path) -> None:
-    """Passkey accuracy against needle depth, one line per method and length."""
+    """Passkey accuracy against needle depth, one line per method and length, each with its
+    own marker and line style and slightly beside the others, so that equal lines stay visible
+    (the ticks mark the true depths)."""
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    for row in rows:
-        depths = [depth for _, depth in depth_keys]
-        ax.plot(depths, [row[key] for key, _ in depth_keys], marker="o", label=f"{row['method']}, {row['length']} tok")
+    depths = [depth for _, depth in depth_keys]
+    for i, (row, offset) in enumerate(zip(rows, depth_offsets(depths, len(rows)))):
+        ax.plot(
+            [depth + offset for depth in depths], [row[key] for key, _ in depth_keys],
+            marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)], color=f"C{i % 10}",
+            label=f"{row['method']}, {row['length']} tok",
+        )
+    ax.set_xticks(sorted(set(depths)))
     ax.set_xlabel("needle depth (0 = start, 1 = end)")
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.05)
@@ -77,11 +98,11 @@ def passkey_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callable[
     cells = [(length, depth) for length in task.lengths for depth in task.depths for _ in range(task.trials)]
     keys = passkeys(len(cells), spec.seed)
     rows, details = [], {}
-    for method in tqdm(compared_methods(spec), desc="methods", unit="method"):
+    for method in tqdm(compared_methods(spec), desc="methods", unit="method", disable=None):
         with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds):
             trials = [
                 {"requested_length": length, **passkey_trial(session, length, depth, key, task.new_tokens)}
-                for (length, depth), key in tqdm(list(zip(cells, keys)), desc="passkey", unit="trial", leave=False)
+                for (length, depth), key in tqdm(list(zip(cells, keys)), desc="passkey", unit="trial", leave=False, disable=None)
             ]
         details[method.name] = trials
         for length in task.lengths:

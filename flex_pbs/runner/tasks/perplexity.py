@@ -69,7 +69,7 @@ def spread_passkey_trials(session: Session, length: int, count: int, new_tokens:
     depths = [(i + 0.5) / count for i in range(count)]
     return [
         passkey_trial(session, length, depth, key, new_tokens)
-        for depth, key in tqdm(list(zip(depths, keys)), desc="passkey", unit="trial", leave=False, disable=not count)
+        for depth, key in tqdm(list(zip(depths, keys)), desc="passkey", unit="trial", leave=False, disable=None if count else True)
     ]
 
 
@@ -137,7 +137,7 @@ def perplexity_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callab
     ids = evaluation_ids(spec, session)
     tail = min(spec.task.tail_tokens, spec.seq_len - 1)
     rows, details = [], {}
-    for method in tqdm(compared_methods(spec), desc="methods", unit="method"):
+    for method in tqdm(compared_methods(spec), desc="methods", unit="method", disable=None):
         if method.engine is None:  # dense is the same in every job of a sweep: measure it once
             key = (id(session), spec.text, spec.seq_len, tail, spec.seed, repr(spec.task))
             if key not in _DENSE_ROWS:
