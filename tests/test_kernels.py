@@ -183,6 +183,7 @@ CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # every kernel under Triton's interpreter
 def test_fused_kernels_match_plain_torch():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=900)

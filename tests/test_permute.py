@@ -1,3 +1,4 @@
+import pytest
 import torch
 from reference import paper_block_mask, paper_key_order
 
@@ -12,6 +13,7 @@ def test_key_order_matches_the_paper_reference():
         assert torch.equal(plan.key_order[0, head], paper_key_order(q[0, head], k[0, head], 128, 256))
 
 
+@pytest.mark.slow  # a loop-based reference
 def test_pbs_mean_block_mask_matches_the_paper_reference():
     for force_sink in (False, True):
         torch.manual_seed(1)
