@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 
 @dataclass
-
-
 class AttentionStatsTask:
     """Density and recall of the method's plans per layer and head, from captured Q/K."""
 

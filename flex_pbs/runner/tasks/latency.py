@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 
 @dataclass
-
-
 class LatencyTask:
     """Prefill wall time per method after a warm-up pass (compile time reported apart)."""
 

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 
 @dataclass
-
-
 class PasskeyTask:
     """Passkey retrieval accuracy per context length and needle depth."""
 

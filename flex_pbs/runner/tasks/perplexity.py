@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 
 @dataclass
-
-
 class PerplexityTask:
     """Perplexity of the whole sequence and of its last ``tail_tokens`` predictions, with a few
     passkey trials at the same length."""
