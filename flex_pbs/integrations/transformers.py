@@ -43,6 +43,12 @@ from flex_pbs.integrations.layer_thresholds import (
     load_layer_thresholds,
 )
 from flex_pbs.integrations.registry import add_attention, remove_attention
+from flex_pbs.integrations.tensor_parallel import (
+    check_heads,
+    gather_heads,
+    model_heads,
+    tensor_parallel_size,
+)
 
 DEFAULT_NAME = "flex_pbs"
 _BUILT_IN = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4"}
@@ -299,12 +305,17 @@ def apply(model: torch.nn.Module, name: str = DEFAULT_NAME) -> torch.nn.Module:
             "replace its attention"
         )
     reg.check_layer_count(_num_layers(getattr(model, "config", None)))
+    if tensor_parallel_size(model) > 1:
+        check_heads(*model_heads(model.config), tensor_parallel_size(model))
     model.set_attn_implementation(name)
     return model
 
 
 def stats(model: torch.nn.Module, name: str = DEFAULT_NAME) -> dict[int, LayerStats]:
-    """Per-layer stats of the last prefill, ``{layer_idx: LayerStats}``."""
+    """Per-layer stats of the last prefill, ``{layer_idx: LayerStats}``, for every query head.
+
+    Under tensor parallelism each rank measures its own heads and this call gathers them: it is
+    a collective, to be called on every rank, and every rank gets the whole model's numbers."""
     reg = registration(name)
     if not reg.collect_stats:
         raise RuntimeError(f"stats are off for {name!r}; register(..., collect_stats=True)")
@@ -315,7 +326,15 @@ def stats(model: torch.nn.Module, name: str = DEFAULT_NAME) -> dict[int, LayerSt
             f"attn_implementation={name!r} and run a forward pass (models that do not dispatch "
             "through AttentionInterface are not supported)"
         )
-    return {layer: found[layer].on_cpu() for layer in sorted(found)}
+    return {layer: _all_heads(found[layer], model).on_cpu() for layer in sorted(found)}
+
+
+def _all_heads(layer: LayerStats, model: torch.nn.Module) -> LayerStats:
+    """Under tensor parallelism a rank measured its own heads: gather every rank's."""
+    if tensor_parallel_size(model) == 1:
+        return layer
+    recall = None if layer.recall is None else gather_heads(layer.recall, model)
+    return dataclasses.replace(layer, density=gather_heads(layer.density, model), recall=recall)
 
 
 def reset_stats(name: str = DEFAULT_NAME) -> None:

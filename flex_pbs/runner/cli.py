@@ -12,7 +12,9 @@ key that lives in the method, model or task node) is one line on stderr and exit
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -79,11 +81,22 @@ def misplaced_override(argv: Sequence[str]) -> str | None:
     return None
 
 
+def quiet_rank_overrides() -> list[str]:
+    """Under ``torchrun`` every rank runs the job; ranks other than 0 write no Hydra output
+    directory or log (rank 0 writes the results)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    scratch = tempfile.mkdtemp(prefix="flex_pbs_rank")
+    return [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null",
+            "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
 def main() -> None:
     """Console script ``flex-pbs-run``: Hydra's command line (overrides, ``-m``, ``--help``, ...)."""
     message = misplaced_override(sys.argv[1:])
     if message:
         fail(PROG, message)
+    sys.argv += quiet_rank_overrides()
     run()
 
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from flex_pbs.integrations.tensor_parallel import rank
 from flex_pbs.runner.report import environment, format_table, write_results
 from flex_pbs.runner.schema import validate
 from flex_pbs.runner.session import load_session
@@ -17,7 +18,8 @@ from flex_pbs.runner.tasks import TASKS
 def run_job(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the task a composed config describes and write ``results.{json,csv,png}`` to ``out_dir``.
 
-    The config is validated before any model loads. Returns the ``results.json`` payload.
+    The config is validated before any model loads. Returns the ``results.json`` payload. Under
+    tensor parallelism (``tp > 1``, every rank runs the job) only rank 0 writes and prints.
 
     Args:
         cfg: the composed config (``configs/config.yaml`` plus overrides).
@@ -37,8 +39,11 @@ def run_job(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> di
         "rows": result.rows,
         "details": result.details,
     }
+    if rank() != 0:  # under tensor parallelism every rank ran the task; rank 0 reports it
+        return payload
     files = write_results(Path(out_dir), payload, result.rows, plot)
     title = f"{result.task}: model={spec.model.name} method={spec.method} text={spec.text} device={spec.device}"
+    title += f" tp={spec.tp}" if spec.tp > 1 else ""
     print(f"\n{title}\n\n{format_table(result.rows, result.columns)}\n")
     for note in result.notes:
         print(f"* {note}")

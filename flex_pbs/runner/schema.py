@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class RunConfig:
     text: str = MISSING
     dense_layers: Any = MISSING
     layer_thresholds: Optional[str] = None
+    tp: int = 1
 
 
 def field_names(schema: type) -> set[str]:
@@ -179,6 +181,8 @@ class RunSpec:
         overrides: the PBSConfig fields the method node sets.
         task: the task's config (the ``schema`` of one of :data:`~flex_pbs.runner.tasks.TASKS`).
         dense_layers: ``n`` (the first n layers) or a tuple of layer indices run dense.
+        tp: ranks the model's heads are sharded over (transformers' tensor parallelism under
+            ``torchrun``; 1: one process).
         layer_thresholds: per-layer thresholds (from the ``layer_thresholds`` file, written by
             ``flex-pbs-calibrate``), overriding the method's threshold on those layers.
     """
@@ -195,6 +199,7 @@ class RunSpec:
     text: str
     dense_layers: int | tuple[int, ...]
     layer_thresholds: dict[int, float] = field(default_factory=dict)
+    tp: int = 1
 
 
 def unknown_key_problems(node: DictConfig, prefix: str = "") -> None:
@@ -279,6 +284,48 @@ def layer_thresholds_value(path: str | None, engine: PBSConfig | None) -> dict[i
         raise ConfigError(f"layer_thresholds: {error}") from None
 
 
+# Tasks that run under tensor parallelism: whole-model forward passes and generation.
+TENSOR_PARALLEL_TASKS = ("perplexity", "latency", "passkey")
+
+
+def tensor_parallel_problems(tp: Any, task: str, model: ModelConfig) -> None:
+    """Raise :class:`ConfigError` unless ``tp`` ranks can run this job: ``torchrun`` started
+    that many processes, the task runs sharded, and the model's heads split into whole GQA groups."""
+    positive_int("tp", tp)
+    if tp == 1:
+        return
+    launched = os.environ.get("WORLD_SIZE")
+    require(
+        launched is not None,
+        f"tp={tp} shards the model over {tp} processes: start them with "
+        f"torchrun --nproc-per-node {tp} -m flex_pbs.runner.cli tp={tp} ...",
+    )
+    require(
+        int(launched) == tp,
+        f"tp={tp} but torchrun started {launched} processes: pass tp={launched} or --nproc-per-node {tp}",
+    )
+    require(task in TENSOR_PARALLEL_TASKS,
+            f"task={task} runs in one process; with tp > 1 choose one of {list(TENSOR_PARALLEL_TASKS)}")
+    from flex_pbs.integrations.tensor_parallel import valid_sizes
+
+    q_heads, kv_heads = model_head_counts(model)
+    require(
+        tp in valid_sizes(q_heads, kv_heads),
+        f"tp={tp}: model {model.name} has {q_heads} query / {kv_heads} key-value heads, which {tp} ranks "
+        f"cannot split into whole GQA groups; valid tp: {valid_sizes(q_heads, kv_heads)}",
+    )
+
+
+def model_head_counts(model: ModelConfig) -> tuple[int, int]:
+    """``(query heads, key-value heads)`` of a model node, without loading weights."""
+    from flex_pbs.runner.models import SMOLLM2_HEADS, llama_8b_config, tiny_config
+
+    if model.source == "smollm2":
+        return SMOLLM2_HEADS
+    config = tiny_config(model.arch) if model.source == "tiny" else llama_8b_config()
+    return config.num_attention_heads, config.num_key_value_heads
+
+
 def validate(cfg: DictConfig) -> RunSpec:
     """Check a composed run config and return its :class:`RunSpec`; raises :class:`ConfigError`."""
     if not isinstance(cfg, DictConfig):
@@ -299,6 +346,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     device_problems(run.device)
     dense_layers = dense_layers_value(run.dense_layers)
     layer_thresholds = layer_thresholds_value(run.layer_thresholds, engine)
+    tensor_parallel_problems(run.tp, run.task.name, run.model)
     return RunSpec(
         method=run.method.name,
         engine=engine,
@@ -312,4 +360,5 @@ def validate(cfg: DictConfig) -> RunSpec:
         text=run.text,
         dense_layers=dense_layers,
         layer_thresholds=layer_thresholds,
+        tp=run.tp,
     )

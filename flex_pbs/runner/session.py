@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -65,24 +68,48 @@ def byte_tokenizer():
 _LOADED: dict[tuple, Session] = {}
 
 
-def smollm2_session(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Session:
+def smollm2_session(dtype: torch.dtype = torch.float32, device: str = "cpu", tensor_parallel: int = 1) -> Session:
     """A session on the bundled SmolLM2-135M-Instruct, in eval mode with ``sdpa`` attention."""
-    model, tokenizer = models.load_smollm2("sdpa", dtype, device)
-    return Session(model, tokenizer, random_weights=False, device=device)
+    model, tokenizer = models.load_smollm2("sdpa", dtype, device, tensor_parallel)
+    return Session(model, tokenizer, random_weights=False, device=model_device(device))
+
+
+def model_device(device: str) -> str:
+    """Where a rank's tensors live: under ``torchrun`` on CUDA, the rank's own GPU."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def random_session(spec: RunSpec) -> Session:
+    """A session on a seeded random-weight model; under tensor parallelism it is saved once (in
+    the temporary directory) and loaded sharded, as transformers shards only what it loads."""
+    def build():
+        return models.random_model(random_model_config(spec.model), "sdpa", seed=spec.seed, dtype=spec.dtype)
+
+    if spec.tp == 1:
+        model = build().to(spec.device)
+    else:
+        from flex_pbs.integrations.tensor_parallel import load_sharded
+
+        name = f"{spec.model.name}-{spec.model.arch}-{spec.model.num_layers}-seed{spec.seed}-{str(spec.dtype)[6:]}"
+        checkpoint = Path(tempfile.gettempdir()) / "flex_pbs_random_models" / name
+        model = load_sharded(build, checkpoint, spec.tp, spec.device, dtype=spec.dtype, attn_implementation="sdpa")
+    return Session(model, byte_tokenizer(), random_weights=True, device=model_device(spec.device))
 
 
 def load_session(spec: RunSpec) -> Session:
-    """Load (or reuse) the model of a run, in eval mode with ``sdpa`` attention."""
+    """Load (or reuse) the model of a run, in eval mode with ``sdpa`` attention (with ``tp > 1``
+    its heads sharded over the job's ranks)."""
     seed = None if spec.model.source == "smollm2" else spec.seed
-    key = (spec.model.source, spec.model.arch, spec.model.num_layers, spec.dtype, spec.device, seed)
+    key = (spec.model.source, spec.model.arch, spec.model.num_layers, spec.dtype, spec.device, seed, spec.tp)
     if key not in _LOADED:
         _LOADED.clear()
         log.info("loading model %s", spec.model.name)
         if spec.model.source == "smollm2":
-            session = smollm2_session(spec.dtype, spec.device)
+            session = smollm2_session(spec.dtype, spec.device, spec.tp)
         else:
-            model = models.random_model(random_model_config(spec.model), "sdpa", seed=spec.seed, dtype=spec.dtype)
-            session = Session(model.to(spec.device), byte_tokenizer(), random_weights=True, device=spec.device)
+            session = random_session(spec)
         _LOADED[key] = session
     session = _LOADED[key]
     layer_problems(spec, session)

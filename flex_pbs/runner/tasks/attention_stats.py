@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 import torch
 from matplotlib.figure import Figure
 from omegaconf import MISSING
-from tqdm.auto import tqdm
 
 from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks
 from flex_pbs.engine.config import PBSConfig
@@ -20,7 +19,12 @@ from flex_pbs.integrations.capture import capture_qkv
 from flex_pbs.runner.checks import non_negative_int, positive_int, require
 from flex_pbs.runner.report import Column, TaskResult
 from flex_pbs.runner.session import Session, evaluation_ids
-from flex_pbs.runner.tasks.common import Method, method_fields, random_weights_notes
+from flex_pbs.runner.tasks.common import (
+    Method,
+    method_fields,
+    progress,
+    random_weights_notes,
+)
 
 if TYPE_CHECKING:
     from flex_pbs.runner.schema import RunSpec
@@ -74,7 +78,7 @@ def attention_stats_task(spec: RunSpec, session: Session) -> tuple[TaskResult, C
     task = spec.task
     captured = capture_qkv(session.model, evaluation_ids(spec, session), task.layers)
     per_layer = {}
-    for layer, (q, k, _) in tqdm(captured.items(), desc="layers", unit="layer", disable=None):
+    for layer, (q, k, _) in progress(captured.items(), desc="layers", unit="layer"):
         per_layer[layer] = layer_plan_stats(
             q.to(session.device), k.to(session.device), spec.engine, task.recall, task.recall_query_blocks, spec.seed
         )

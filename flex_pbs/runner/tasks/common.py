@@ -6,7 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from flex_pbs.engine.config import PBSConfig
+from flex_pbs.integrations.tensor_parallel import rank
 from flex_pbs.runner.session import Session
 
 if TYPE_CHECKING:
@@ -65,3 +68,10 @@ def grouped_bars(ax, labels: list[str], series: dict[str, list[float | None]], y
     ax.set_title(title)
     if len(series) > 1:
         ax.legend(fontsize=8)
+
+
+def progress(iterable, **kwargs: Any) -> tqdm:
+    """A progress bar on a terminal only (redirected stderr gets no escape codes), and only on
+    rank 0 of a tensor-parallel job."""
+    disable = kwargs.pop("disable", None)
+    return tqdm(iterable, disable=True if rank() else disable, **kwargs)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from matplotlib.figure import Figure
 from omegaconf import MISSING
-from tqdm.auto import tqdm
 
 import flex_pbs
 from flex_pbs.runner.checks import positive_int
@@ -24,6 +23,7 @@ from flex_pbs.runner.tasks.common import (
     compared_methods,
     grouped_bars,
     method_fields,
+    progress,
     random_weights_notes,
 )
 
@@ -53,7 +53,7 @@ def latency_of(method: Method, spec: RunSpec, session: Session, ids: torch.Tenso
     with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds):
         times = [
             timed_forward(session, ids, logits_to_keep=1)[1]
-            for _ in tqdm(range(spec.task.repeats), desc=f"prefill {method.name}", unit="pass", leave=False, disable=None)
+            for _ in progress(range(spec.task.repeats), desc=f"prefill {method.name}", unit="pass", leave=False)
         ]
     median = statistics.median(times)
     return {
@@ -84,7 +84,7 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
 def latency_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callable[[Path], None]]:
     """Median prefill wall time per method, its speed-up over dense, and compile time apart."""
     ids = evaluation_ids(spec, session)
-    rows = [latency_of(m, spec, session, ids) for m in tqdm(compared_methods(spec), desc="methods", unit="method", disable=None)]
+    rows = [latency_of(m, spec, session, ids) for m in progress(compared_methods(spec), desc="methods", unit="method")]
     for row in rows:
         row["speedup"] = rows[0]["prefill_s"] / row["prefill_s"]
     columns = [

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Callable, List
 
 from matplotlib.figure import Figure
 from omegaconf import MISSING
-from tqdm.auto import tqdm
 
 from flex_pbs.runner.checks import positive_int, require
 from flex_pbs.runner.data import passkeys
@@ -20,6 +19,7 @@ from flex_pbs.runner.session import Session, attention
 from flex_pbs.runner.tasks.common import (
     compared_methods,
     method_fields,
+    progress,
     random_weights_notes,
 )
 
@@ -96,11 +96,11 @@ def passkey_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callable[
     cells = [(length, depth) for length in task.lengths for depth in task.depths for _ in range(task.trials)]
     keys = passkeys(len(cells), spec.seed)
     rows, details = [], {}
-    for method in tqdm(compared_methods(spec), desc="methods", unit="method", disable=None):
+    for method in progress(compared_methods(spec), desc="methods", unit="method"):
         with attention(session, method.engine, spec.dense_layers, spec.layer_thresholds):
             trials = [
                 {"requested_length": length, **passkey_trial(session, length, depth, key, task.new_tokens)}
-                for (length, depth), key in tqdm(list(zip(cells, keys)), desc="passkey", unit="trial", leave=False, disable=None)
+                for (length, depth), key in progress(list(zip(cells, keys)), desc="passkey", unit="trial", leave=False)
             ]
         details[method.name] = trials
         for length in task.lengths:

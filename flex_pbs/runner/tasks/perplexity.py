@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from matplotlib.figure import Figure
 from omegaconf import MISSING
-from tqdm.auto import tqdm
 
 import flex_pbs
 from flex_pbs.runner.checks import non_negative_int, positive_int, require
@@ -31,6 +30,7 @@ from flex_pbs.runner.tasks.common import (
     compared_methods,
     grouped_bars,
     method_fields,
+    progress,
     random_weights_notes,
     relative_change_pct,
 )
@@ -67,7 +67,7 @@ def spread_passkey_trials(session: Session, length: int, count: int, new_tokens:
     depths = [(i + 0.5) / count for i in range(count)]
     return [
         passkey_trial(session, length, depth, key, new_tokens)
-        for depth, key in tqdm(list(zip(depths, keys)), desc="passkey", unit="trial", leave=False, disable=None if count else True)
+        for depth, key in progress(list(zip(depths, keys)), desc="passkey", unit="trial", leave=False, disable=None if count else True)
     ]
 
 
@@ -135,7 +135,7 @@ def perplexity_task(spec: RunSpec, session: Session) -> tuple[TaskResult, Callab
     ids = evaluation_ids(spec, session)
     tail = min(spec.task.tail_tokens, spec.seq_len - 1)
     rows, details = [], {}
-    for method in tqdm(compared_methods(spec), desc="methods", unit="method", disable=None):
+    for method in progress(compared_methods(spec), desc="methods", unit="method"):
         if method.engine is None:  # dense is the same in every job of a sweep: measure it once
             key = (id(session), spec.text, spec.seq_len, tail, spec.seed, repr(spec.task))
             if key not in _DENSE_ROWS:
