@@ -78,13 +78,17 @@ def test_fifty_mixed_shapes_stay_exact_within_a_bounded_compile_budget(monkeypat
     torch._dynamo.reset()
 
 
-def test_cpu_inputs_that_need_grad_fail_with_the_fix_named():
+def test_flex_attend_has_no_cpu_backward_and_says_so():
+    """FlexAttention has no backward on CPU: the attend stage refuses inputs that need grad
+    (the pipeline differentiates through exact plan-restricted attention instead)."""
+    from flex_pbs.engine.pipeline import build_plan
+
     q, k, v = (torch.randn(1, 2, 640, 32) for _ in range(3))
-    cfg = PBSConfig(threshold=0.9, force_local_blocks=0)  # 640 tokens: sparse path
+    plan = build_plan(q, k, PBSConfig(threshold=0.9, force_local_blocks=0))
     with pytest.raises(NotImplementedError, match="inference_mode"):
-        pbs_attention(q.requires_grad_(), k, v, cfg)
+        flex.flex_attend(q.requires_grad_(), k, v, plan.flex_mask, 32**-0.5)
     with torch.no_grad():
-        assert torch.isfinite(pbs_attention(q, k, v, cfg)).all()
+        assert torch.isfinite(flex.flex_attend(q, k, v, plan.flex_mask, 32**-0.5)).all()
 
 
 def test_query_offset_is_data_not_a_kernel_constant():

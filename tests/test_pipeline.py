@@ -292,6 +292,46 @@ def test_values_after_a_row_never_reach_it(permute):
         assert torch.equal(pbs_attention(q, k, changed, cfg)[:, :, : row + 1], out[:, :, : row + 1])
 
 
+@pytest.mark.parametrize("permute, q_len", [("none", None), ("key", None), ("key", 700)])
+def test_gradients_equal_exact_attention_restricted_to_the_plan(permute, q_len):
+    """Differentiable on CPU: the plan is made without grad, then the gradients with respect
+    to q, k and v are those of exact attention over the plan's keys (float64 reference; fp32
+    leaves about 1e-6 relative)."""
+    q, k, v = planted_qkv(1, 4, 2, 1500, 64, seed=5)
+    q = q[:, :, -(q_len or 1500):]
+    offset = 1500 - q.shape[2]
+    cfg = PBSConfig(threshold=0.8, permute=permute, segment_size=256)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, plan = pbs_attention(*inputs, cfg, q_offset=offset, return_plan=True)
+    assert plan.density < 1 and out.requires_grad
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    reference = [t.clone().double().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*reference, attn_mask=plan.token_mask(), enable_gqa=True)
+    (expected * weights.double()).sum().backward()
+    assert rel_error(out, expected) < 1e-5
+    for got, want in zip(inputs, reference):
+        assert rel_error(got.grad, want.grad) < 1e-5
+    with torch.no_grad():  # the forward value is the one inference gives
+        assert rel_error(pbs_attention(q, k, v, cfg, q_offset=offset), out) < 1e-5
+
+
+def test_gradients_at_threshold_one_equal_sdpa_and_long_inputs_are_refused_on_cpu(monkeypatch):
+    import flex_pbs.engine.pipeline as pipeline
+
+    q, k, v = (t.clone().requires_grad_() for t in random_qkv(1, 4, 2, 1024, 32))
+    pbs_attention(q, k, v, PBSConfig(threshold=1.0)).square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    sdpa(q, k, v).square().sum().backward()
+    for got, t in zip(grads, (q, k, v)):
+        assert rel_error(got, t.grad) < 1e-5
+    monkeypatch.setattr(pipeline, "CPU_GRAD_MAX_KEYS", 1000)
+    with pytest.raises(ValueError, match="1024 keys is more than the 1000 allowed"):
+        pbs_attention(q, k, v, PBSConfig(threshold=0.9))
+
+
 def test_chunked_length_mismatch_suggests_q_offset():
     q, k, v = random_qkv(1, 4, 2, 1024, 32, q_len=1000)
     with pytest.raises(ValueError, match="pass q_offset=24"):

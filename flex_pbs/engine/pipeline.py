@@ -241,6 +241,36 @@ def _attend_or_fall_back(q, k, v, k_perm, v_perm, plan: PBSPlan, scale: float, k
         return plan_restricted_attention(q, k, v, plan, scale)
 
 
+# The CPU gradient path holds a [B, Hq, rows, Lk] mask per chunk and, for backward, the
+# attention weights of every query: O(Lq * Lk) memory per head. Refused above this many keys.
+CPU_GRAD_MAX_KEYS = 16384
+
+
+def _differentiable_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig, scale: float, q_offset: int
+) -> tuple[torch.Tensor, PBSPlan]:
+    """PBS attention that autograd differentiates with respect to ``q``, ``k`` and ``v``: the
+    plan (importance, permutation, scores, selection) is made without grad, and no gradient
+    flows into which blocks are chosen; attention over the chosen keys is differentiable. On CPU
+    (FlexAttention has no CPU backward) it runs as exact attention restricted to the plan."""
+    with torch.no_grad():
+        plan = _plan_with_keys(q.detach(), k.detach(), config, scale, q_offset)[0]
+    if plan.dense:
+        return dense_causal_attention(q, k, v, scale, q_offset), plan
+    if q.is_cuda:
+        raise NotImplementedError(
+            "gradients through flex_pbs run on CPU only so far (exact attention restricted to the plan); on "
+            "CUDA run under torch.inference_mode() or torch.no_grad(), or detach the inputs"
+        )
+    if k.shape[2] > CPU_GRAD_MAX_KEYS:
+        raise ValueError(
+            f"gradients through flex_pbs on CPU hold O(Lq x Lk) attention weights per head; {k.shape[2]} keys is "
+            f"more than the {CPU_GRAD_MAX_KEYS} allowed (flex_pbs.engine.pipeline.CPU_GRAD_MAX_KEYS): use "
+            "shorter sequences for training on CPU"
+        )
+    return plan_restricted_attention(q, k, v, plan, scale), plan
+
+
 def _dense_plan(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> PBSPlan:
     key_order = identity_key_order(k)
     group = q.shape[1] // k.shape[1]
@@ -339,6 +369,9 @@ def pbs_attention(
     config = config_of(config)
     check_inputs(q, k, v, scale, q_offset)
     scale = _default_scale(q, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, plan = _differentiable_attention(q, k, v, config, scale, q_offset)
+        return (out, plan) if return_plan else out
     plan, k_perm = _plan_with_keys(q, k, config, scale, q_offset)
     if plan.dense:
         out = q.new_empty(q.shape) if _empty(q, k) else dense_causal_attention(q, k, v, scale, q_offset)
