@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % args.eval_every == 0 or step == args.steps:
-            record(step, float(loss), time.perf_counter() - start)
+            record(step, loss.item(), time.perf_counter() - start)
     report = {"args": vars(args), "config": str(config), "torch": torch.__version__, "rows": rows,
               "gap_shrank": rows[-1]["gap_pct"] < rows[0]["gap_pct"]}
     print("| step | dense ppl | sparse ppl | gap (%) | density |")
