@@ -202,12 +202,12 @@ def flex_attend(
         ``[B, Hq, Lq, D]``.
     """
     if any(t.requires_grad for t in (q, k, v)):
-        # flex_pbs is inference-only for now (FlexAttention has no CPU backward, and the compiled
-        # CUDA path fails inside Dynamo with an unreadable trace): name the fix instead. Under
-        # no_grad, inputs that merely carry requires_grad are detached (flex refuses them on CPU).
+        # The attend stage runs forward only (FlexAttention has no CPU backward; its CUDA
+        # backward is not wired up): pbs_attention differentiates through plan-restricted
+        # attention instead. Under no_grad, inputs that merely carry requires_grad are detached.
         if torch.is_grad_enabled():
             raise NotImplementedError(
-                "flex_pbs has no backward pass yet (prefill/inference only): run under "
+                "flex_attend runs forward only: call pbs_attention for gradients, or run under "
                 "torch.inference_mode() or torch.no_grad(), or detach the inputs"
             )
         q, k, v = q.detach(), k.detach(), v.detach()

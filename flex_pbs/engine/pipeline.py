@@ -253,21 +253,22 @@ def _differentiable_attention(
     plan (importance, permutation, scores, selection) is made without grad, and no gradient
     flows into which blocks are chosen; attention over the chosen keys is differentiable. On CPU
     (FlexAttention has no CPU backward) it runs as exact attention restricted to the plan."""
-    with torch.no_grad():
-        plan = _plan_with_keys(q.detach(), k.detach(), config, scale, q_offset)[0]
-    if plan.dense:
-        return dense_causal_attention(q, k, v, scale, q_offset), plan
-    if q.is_cuda:
+    sparse = not (config.is_dense_for(k.shape[2]) or _empty(q, k))
+    if sparse and q.is_cuda:
         raise NotImplementedError(
             "gradients through flex_pbs run on CPU only so far (exact attention restricted to the plan); on "
             "CUDA run under torch.inference_mode() or torch.no_grad(), or detach the inputs"
         )
-    if k.shape[2] > CPU_GRAD_MAX_KEYS:
+    if sparse and k.shape[2] > CPU_GRAD_MAX_KEYS:
         raise ValueError(
             f"gradients through flex_pbs on CPU hold O(Lq x Lk) attention weights per head; {k.shape[2]} keys is "
             f"more than the {CPU_GRAD_MAX_KEYS} allowed (flex_pbs.engine.pipeline.CPU_GRAD_MAX_KEYS): use "
             "shorter sequences for training on CPU"
         )
+    with torch.no_grad():
+        plan = _plan_with_keys(q.detach(), k.detach(), config, scale, q_offset)[0]
+    if plan.dense:
+        return dense_causal_attention(q, k, v, scale, q_offset), plan
     return plan_restricted_attention(q, k, v, plan, scale), plan
 
 

@@ -37,7 +37,7 @@ from transformers.masking_utils import (
 
 from flex_pbs.analysis.metrics import attention_recall
 from flex_pbs.engine.config import PBSConfig
-from flex_pbs.engine.pipeline import PBSPlan, pbs_attention
+from flex_pbs.engine.pipeline import PBSPlan, config_of, pbs_attention
 from flex_pbs.integrations.layer_thresholds import (
     check_layer_thresholds,
     load_layer_thresholds,
@@ -221,12 +221,7 @@ def register(
             f"attention {name!r} is already registered; pass overwrite=True to replace it "
             f"or call flex_pbs.unregister({name!r}) first"
         )
-    if config is None:
-        config = PBSConfig()
-    elif isinstance(config, Mapping):
-        config = PBSConfig.from_dict(config)
-    elif not isinstance(config, PBSConfig):
-        raise TypeError(f"config must be a PBSConfig or a mapping, got {type(config).__name__}")
+    config = config_of(config)
     dense, dense_count = _check_dense_layers(dense_layers)
     if isinstance(layer_thresholds, (str, Path)):
         thresholds = load_layer_thresholds(layer_thresholds)

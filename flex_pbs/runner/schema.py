@@ -29,6 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.methods import METHODS, method_config
 from flex_pbs.integrations.layer_thresholds import load_layer_thresholds
+from flex_pbs.integrations.tensor_parallel import model_heads, valid_sizes
 from flex_pbs.runner.checks import (
     ConfigError,
     device_problems,
@@ -37,7 +38,12 @@ from flex_pbs.runner.checks import (
     require,
 )
 from flex_pbs.runner.data import TEXTS
-from flex_pbs.runner.models import TINY_ARCHITECTURES
+from flex_pbs.runner.models import (
+    SMOLLM2_HEADS,
+    TINY_ARCHITECTURES,
+    llama_8b_config,
+    tiny_config,
+)
 from flex_pbs.runner.tasks import TASKS
 
 MODEL_SOURCES = ("smollm2", "tiny", "llama8b")
@@ -306,8 +312,6 @@ def tensor_parallel_problems(tp: Any, task: str, model: ModelConfig) -> None:
     )
     require(task in TENSOR_PARALLEL_TASKS,
             f"task={task} runs in one process; with tp > 1 choose one of {list(TENSOR_PARALLEL_TASKS)}")
-    from flex_pbs.integrations.tensor_parallel import valid_sizes
-
     q_heads, kv_heads = model_head_counts(model)
     require(
         tp in valid_sizes(q_heads, kv_heads),
@@ -318,12 +322,9 @@ def tensor_parallel_problems(tp: Any, task: str, model: ModelConfig) -> None:
 
 def model_head_counts(model: ModelConfig) -> tuple[int, int]:
     """``(query heads, key-value heads)`` of a model node, without loading weights."""
-    from flex_pbs.runner.models import SMOLLM2_HEADS, llama_8b_config, tiny_config
-
     if model.source == "smollm2":
         return SMOLLM2_HEADS
-    config = tiny_config(model.arch) if model.source == "tiny" else llama_8b_config()
-    return config.num_attention_heads, config.num_key_value_heads
+    return model_heads(tiny_config(model.arch) if model.source == "tiny" else llama_8b_config())
 
 
 def validate(cfg: DictConfig) -> RunSpec:
