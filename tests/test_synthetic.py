@@ -41,3 +41,16 @@ def test_planted_generator_is_seeded_and_validates():
         planted_qkv(1, 2, 1, 512, 16, PlantedPattern(local_frequencies=16))
     with pytest.raises(ValueError, match=r"q_heads \(3\) must be a multiple of kv_heads \(2\)"):
         planted_qkv(1, 3, 2, 512, 64)
+
+
+def test_planted_output_is_unchanged_by_the_shared_channel_writers():
+    # Sums of planted_qkv(1, 4, 2, 512, 64, seed=0) before the writers were shared with
+    # flex_pbs.analysis.workloads (commit 8770c37): earlier benchmark inputs stay the same.
+    q, k, v = planted_qkv(1, 4, 2, 512, 64, seed=0)
+    sums = [float(t.double().sum()) for t in (q, k, v)]
+    assert sums == pytest.approx([104612.13913225054, 6074.932206764575, -194.48613679034497], rel=1e-12)
+
+
+def test_planted_generator_rejects_a_non_float_dtype():
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        planted_qkv(1, 2, 1, 512, 64, dtype=torch.int64)
