@@ -12,11 +12,20 @@ restoring the order costs nothing (only keys move: the output is in query order 
     python benchmarks/bench_attention.py                       # planted workload, 8K..128K
     python benchmarks/bench_attention.py --methods pbs xattention pbs_antidiagonal \
         xattention:segment_size=256 --thresholds 0.9 --lengths 32768 131072
+    python benchmarks/bench_attention.py --workload vertical_slash --max-density 0.1
     python benchmarks/bench_attention.py --workload captured --captured qkv.pt
     python benchmarks/bench_attention.py --check               # correctness at 32K, then exit
 
+``--workload`` is a family of ``flex_pbs.analysis.workloads.WORKLOADS`` (``planted``, the
+default, is ``scattered``: the same inputs as before the families existed); ``captured`` reads
+``--captured`` (a ``capture_workload`` file, or any ``torch.save``'d dict with ``q``, ``k``, ``v``
+``[B, H, L, D]``) at its own batch, heads and head_dim.
+
 A method is a name from ``flex_pbs.engine.methods`` with optional ``:field=value,...`` overrides;
-``--threshold``/``--max-density``/``--scoring-fp8`` and the geometry flags apply to every method.
+``--thresholds``/``--scoring-fp8`` and the geometry flags apply to every method. Every method
+runs without a budget (rows ``budget=none``: what it computes by default) and, when
+``--max-density`` is given, again with that budget (``budget=<x>``); a method's own
+``:max_density=...`` replaces both.
 
 Writes ``--out`` (JSON) and prints a table. Needs CUDA and Triton; no Hydra.
 """
@@ -39,6 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
 from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks  # noqa: E402
 from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
+from flex_pbs.analysis.workloads import (
+    DEFAULT_CAPTURED_PATH,
+    WORKLOADS,
+    captured_qkv,
+    captured_shape,
+)
 from flex_pbs.engine.attend import flex_attend  # noqa: E402
 from flex_pbs.engine.layout import BlockLayout  # noqa: E402
 from flex_pbs.engine.mask import build_stage  # noqa: E402
@@ -48,7 +63,7 @@ from flex_pbs.engine.permute import (  # noqa: E402  # noqa: E402
     importance_stage,
     permute_keys,
     permute_stage,
-    segment_key_order,
+    order_stage,
 )
 from flex_pbs.engine.score import score_stage  # noqa: E402
 from flex_pbs.engine.select import select_stage  # noqa: E402
@@ -90,26 +105,39 @@ def sdpa(q, k, v, scale):
 
 
 def load_workload(args, length: int):
-    if args.workload == "planted":
-        return planted_qkv(1, args.q_heads, args.kv_heads, length, args.head_dim, seed=args.seed,
-                           dtype=torch.bfloat16, device="cuda")
-    captured = torch.load(args.captured, map_location="cuda")
-    if captured["k"].shape[2] < length:
-        raise SystemExit(f"{args.captured} holds {captured['k'].shape[2]} tokens, fewer than {length}")
-    return [captured[name][:, :, :length].to(torch.bfloat16).contiguous() for name in ("q", "k", "v")]
+    """bf16 CUDA Q ``[B, Hq, L, D]``, K and V ``[B, Hkv, L, D]`` of ``--workload`` at ``length``."""
+    options = {"seed": args.seed, "dtype": torch.bfloat16, "device": "cuda"}
+    if args.workload == "captured":
+        batch, q_heads, kv_heads, stored_len, head_dim = captured_shape(args.captured)
+        if stored_len < length:
+            raise SystemExit(f"{args.captured} holds {stored_len} tokens, fewer than {length}")
+        return captured_qkv(batch, q_heads, kv_heads, length, head_dim, path=args.captured, **options)
+    family = "scattered" if args.workload == "planted" else args.workload
+    return WORKLOADS[family](1, args.q_heads, args.kv_heads, length, args.head_dim, **options)
 
 
-# Geometry flags that override every method's field when given.
+# Geometry flags that override every method's field when given (``--max-density`` is a budget
+# row of its own: see run_length).
 OVERRIDE_FLAGS = ("block_size", "key_block_size", "segment_size", "stride", "scoring", "peak_weight", "permute",
-                  "force_local_blocks", "max_density")
+                  "force_local_blocks")
+
+
+def parse_method(method: str) -> tuple[str, dict]:
+    """``name[:field=value,...]`` as the method's name and its fields (values parsed as JSON
+    when they look like numbers, lists or dicts; ``None`` is None; anything else a string)."""
+    name, _, items = method.partition(":")
+    fields = {}
+    for item in filter(None, items.split(",")):
+        key, _, value = item.partition("=")
+        fields[key] = None if value == "None" else json.loads(value) if value[:1] in "0123456789-[{" else value
+    return name, fields
 
 
 def method_of(args, method: str, **changes) -> PBSConfig:
-    """``name[:field=value,...]`` from ``flex_pbs.engine.methods`` with the command line's overrides."""
-    name, _, fields = method.partition(":")
-    for item in filter(None, fields.split(",")):
-        key, _, value = item.partition("=")
-        changes[key] = None if value == "None" else json.loads(value) if value[:1] in "0123456789-[{" else value
+    """The config of ``name[:field=value,...]`` from ``flex_pbs.engine.methods``: ``changes``,
+    then the method's own fields, then the command line's overrides."""
+    name, fields = parse_method(method)
+    changes.update(fields)
     changes.update({f: getattr(args, f) for f in OVERRIDE_FLAGS if getattr(args, f) is not None})
     if args.scoring_fp8:
         changes["scoring_fp8"] = True
@@ -137,7 +165,7 @@ def bench_method(q, k, v, cfg: PBSConfig, args) -> dict:
     if permuted:
         importance = importance_stage(q, k, layout, cfg, scale)
         stages["importance"] = bench_ms(lambda: importance_stage(q, k, layout, cfg, scale))
-        stages["sort"] = bench_ms(lambda: segment_key_order(importance, cfg.segment_size))
+        stages["sort"] = bench_ms(lambda: order_stage(importance, layout, cfg))
         stages["gather"] = bench_ms(lambda: (gather_stage(k, key_order, cfg), gather_stage(v, key_order, cfg)))
         del importance
     stages.update({
@@ -152,6 +180,7 @@ def bench_method(q, k, v, cfg: PBSConfig, args) -> dict:
     recall = float(attention_recall(q, k, plan, query_blocks=blocks).mean())
     finite = bool(torch.isfinite(pbs_attention(q, k, v, cfg)).all())
     result = {"config": str(cfg), "ms": total, "density": plan.density, "recall": recall, "finite": finite,
+              "permuted_heads": float(plan.permuted_heads.float().mean()),
               "peak_gib": peak, **{f"{name}_ms": ms for name, ms in stages.items()},
               "permutation_ms": sum(stages[s] for s in ("importance", "sort", "gather", "restore")),
               "overhead_ms": sum(stages[s] for s in stages if s != "attend")}
@@ -177,18 +206,25 @@ def run_length(args, length: int, rows: list[dict]) -> None:
                  "peak_gib": peak_gib(lambda: flex_attend(q, k, v, dense_mask, scale))})
     del dense_mask
 
+    # Without a budget first: what a method computes by default at this threshold.
+    budgets = [None] + ([args.max_density] if args.max_density is not None else [])
+    timed = set()
     for method in args.methods:
         for threshold in args.thresholds:
-            for backend in args.backends:
-                cfg = method_of(args, method, threshold=threshold, backend=backend)
-                rows.append({**base, **bench_method(q, k, v, cfg, args), "method": method,
-                             "threshold": threshold, "backend": backend,
-                             "max_density": cfg.max_density})
-                rows[-1]["speedup"] = sdpa_ms / rows[-1]["ms"]
-                rows[-1]["overhead_vs_sdpa"] = rows[-1]["overhead_ms"] / sdpa_ms
-                rows[-1]["permutation_vs_sdpa"] = rows[-1]["permutation_ms"] / sdpa_ms
-                rows[-1]["attend_vs_ideal"] = rows[-1]["attend_ms"] / (rows[-1]["density"] * sdpa_ms)
-                print(json.dumps(rows[-1]), flush=True)
+            for budget in budgets:
+                for backend in args.backends:
+                    cfg = method_of(args, method, threshold=threshold, backend=backend, max_density=budget)
+                    if (method, cfg) in timed:  # its own max_density made the budgets equal
+                        continue
+                    timed.add((method, cfg))
+                    rows.append({**base, **bench_method(q, k, v, cfg, args), "method": method,
+                                 "threshold": threshold, "backend": backend, "max_density": cfg.max_density,
+                                 "budget": "none" if cfg.max_density is None else f"{cfg.max_density:g}"})
+                    rows[-1]["speedup"] = sdpa_ms / rows[-1]["ms"]
+                    rows[-1]["overhead_vs_sdpa"] = rows[-1]["overhead_ms"] / sdpa_ms
+                    rows[-1]["permutation_vs_sdpa"] = rows[-1]["permutation_ms"] / sdpa_ms
+                    rows[-1]["attend_vs_ideal"] = rows[-1]["attend_ms"] / (rows[-1]["density"] * sdpa_ms)
+                    print(json.dumps(rows[-1]), flush=True)
     del q, k, v
     torch.cuda.empty_cache()
 
@@ -198,7 +234,7 @@ def recompile_probe(args) -> dict:
     without bounds masks): how many graphs compile, and does a second pass recompile?"""
     from torch._dynamo.utils import counters
 
-    cfg = method_of(args, args.methods[0])
+    cfg = method_of(args, args.methods[0], max_density=args.max_density)
     before = counters["stats"]["unique_graphs"]
     lengths = [8192 + 1024 * i + 101 * (i % 2) for i in range(10)]
     start = time.perf_counter()
@@ -275,7 +311,7 @@ def tune(args) -> list[dict]:
     for length in args.lengths:
         q, k, v = load_workload(args, length)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        cfg = method_of(args, args.methods[0])
+        cfg = method_of(args, args.methods[0], max_density=args.max_density)
         layout = BlockLayout.from_config(cfg, length, length)
         key_order, k_perm = permute_stage(q, k, layout, cfg, scale)
         sdpa_ms = bench_ms(lambda: sdpa(q, k, v, scale))
@@ -321,7 +357,7 @@ def tune(args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["workload", "L", "method", "threshold", "max_density", "ms", "speedup", "density", "recall", "finite",
+    cols = ["workload", "L", "method", "threshold", "budget", "ms", "speedup", "density", "recall", "finite",
             "peak_gib", "overhead_vs_sdpa", "permutation_vs_sdpa", "importance_ms", "sort_ms", "gather_ms", "score_ms",
             "select_ms", "build_ms", "attend_ms", "restore_ms", "attend_vs_ideal"]
     print("| " + " | ".join(cols) + " |")
@@ -336,8 +372,10 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=["planted", "captured"], default="planted")
-    parser.add_argument("--captured", help="torch.save'd dict with q, k, v [1, H, L, D] (captured workload)")
+    parser.add_argument("--workload", choices=["planted", *WORKLOADS], default="planted",
+                        help="a workload family (planted = scattered)")
+    parser.add_argument("--captured", default=str(DEFAULT_CAPTURED_PATH),
+                        help="--workload captured: a torch.save'd dict with q, k, v [B, H, L, D] (default: %(default)s)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     parser.add_argument("--backends", nargs="+", default=["auto"])
@@ -354,7 +392,8 @@ def main(argv=None) -> None:
     parser.add_argument("--peak-weight", type=float, help="PBSConfig.peak_weight for every method")
     parser.add_argument("--permute", help="PBSConfig.permute for every method")
     parser.add_argument("--force-local-blocks", type=int, help="PBSConfig.force_local_blocks for every method")
-    parser.add_argument("--max-density", type=float, help="PBSConfig.max_density for every method")
+    parser.add_argument("--max-density", type=float,
+                        help="also run every method with this PBSConfig.max_density budget (rows budget=<x>)")
     parser.add_argument("--scoring-fp8", action="store_true", help="PBSConfig.scoring_fp8 (Hopper)")
     parser.add_argument("--recall-blocks", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

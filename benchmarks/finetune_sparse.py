@@ -72,6 +72,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--max-density", type=float, default=0.15, help="PBSConfig.max_density while training")
     parser.add_argument("--force-local-blocks", type=int, default=0, help="PBSConfig.force_local_blocks")
+    parser.add_argument("--segment-size", type=int, default=128, help="PBSConfig.segment_size (the diagonal segment)")
+    parser.add_argument("--permute", choices=["none", "auto", "key"], default="none", help="PBSConfig.permute")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-windows", type=int, default=2, help="held-out windows (the text's first tokens)")
@@ -80,7 +82,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     model, ids = load(args.model)
-    config = PBSConfig(max_density=args.max_density, force_local_blocks=args.force_local_blocks)
+    config = PBSConfig(max_density=args.max_density, force_local_blocks=args.force_local_blocks,
+                       segment_size=args.segment_size, permute=args.permute)
     flex_pbs.register(config, collect_stats=True, overwrite=True)
     held_out = windows(ids, args.seq_len, 0, args.eval_windows)
     available = (ids.shape[1] - args.train_offset) // args.seq_len

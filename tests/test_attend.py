@@ -42,7 +42,7 @@ def test_ten_lengths_compile_once_per_bucket_and_reuse_kernels():
 def test_batch_sizes_share_one_compiled_kernel():
     torch._dynamo.reset()
     counters.clear()
-    cfg = PBSConfig(threshold=0.8)
+    cfg = PBSConfig(threshold=0.8, segment_size=128)  # sparse at 1000 keys
     for batch in (2, 3, 5, 4):
         q, k, v = torch.randn(batch, 4, 1000, 32), torch.randn(batch, 2, 1000, 32), torch.randn(batch, 2, 1000, 32)
         pbs_attention(q, k, v, cfg)

@@ -22,7 +22,7 @@ def layout_of(q_len, kv_len, block, key_block, segment):
 
 def test_from_config_is_the_configs_geometry():
     layout = BlockLayout.from_config(PBSConfig(), 700, 1500, 800)
-    assert (layout.block_size, layout.kv_block, layout.segment_size) == (128, 64, 128)
+    assert (layout.block_size, layout.kv_block, layout.segment_size) == (128, 64, 512)
     assert (layout.num_q_blocks, layout.num_kv_blocks) == (6, 24)
     square = BlockLayout.from_config(PBSConfig(key_block_size=None, segment_size=256), 1000, 1000)
     assert (square.kv_block, square.segment_size, square.q_offset) == (128, 256, 0)

@@ -10,22 +10,27 @@ def test_methods_are_configurations_of_one_engine():
     assert method_config("pbs") == PBSConfig()
     default = PBSConfig()
     assert (default.block_size, default.key_block_size, default.peak_weight, default.force_local_blocks) == (128, 64, 0.5, 8)
-    # The baselines: square 128-token blocks scored as published (no peak estimate), no local window.
+    assert (default.permute, default.key_sort, default.segment_size) == ("auto", "front", 512)
+    # The baselines: square 128-token blocks scored as published (no peak estimate), no local window;
+    # unpermuted with a one-block diagonal segment, or permuted as the paper does.
     square = {"key_block_size": None, "peak_weight": 0.0, "force_local_blocks": 0}
-    assert method_config("xattention") == PBSConfig(permute="none", **square)
-    assert method_config("pbs_mean") == PBSConfig(scoring="mean", permute="key", segment_size=256, **square)
-    assert method_config("meanpool", threshold=0.8) == PBSConfig(scoring="mean", permute="none", threshold=0.8, **square)
-    assert method_config("pbs_antidiagonal") == method_config("xattention").replace(permute="key", segment_size=256)
+    paper = {"permute": "key", "key_sort": "full", "segment_size": 256}
+    assert method_config("xattention") == PBSConfig(permute="none", segment_size=128, **square)
+    assert method_config("pbs_mean") == PBSConfig(scoring="mean", **paper, **square)
+    assert method_config("meanpool", threshold=0.8) == PBSConfig(
+        scoring="mean", permute="none", segment_size=128, threshold=0.8, **square)
+    assert method_config("pbs_antidiagonal") == method_config("xattention").replace(**paper)
     # pbs_fast: speed first (square blocks, XAttention's scoring, local 4).
     assert method_config("pbs_fast") == method_config("xattention").replace(force_local_blocks=4)
     fine = method_config("pbs_fine")
     assert (fine.block_size, fine.key_block_size, fine.segment_size, fine.stride, fine.peak_weight) == (64, None, 64, 8, 0.5)
-    assert {name for name, config in METHODS.items() if config and config.peak_weight} == {"pbs", "pbs_fine"}
+    assert {name for name, config in METHODS.items() if config and config.peak_weight} == {"pbs", "pbs_unpermuted", "pbs_fine"}
     # The same 512-token local window in the three presets that have one.
-    for name in ("pbs", "pbs_fast", "pbs_fine"):
+    for name in ("pbs", "pbs_unpermuted", "pbs_fast", "pbs_fine"):
         layout = BlockLayout.from_config(method_config(name), 4096, 4096)
         assert method_config(name).force_local_blocks * layout.kv_block == 512, name
-    assert set(METHODS) == {"dense", "pbs", "pbs_fast", "pbs_fine", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
+    assert method_config("pbs_unpermuted") == PBSConfig(permute="none", segment_size=128)
+    assert set(METHODS) == {"dense", "pbs", "pbs_unpermuted", "pbs_fast", "pbs_fine", "pbs_antidiagonal", "pbs_mean", "xattention", "meanpool"}
 
 
 def test_unknown_method_and_bad_overrides():

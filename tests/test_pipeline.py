@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from conftest import random_qkv, rel_error
 
 from flex_pbs import PBSConfig, build_plan, pbs_attention
-from flex_pbs.analysis.synthetic import planted_qkv
+from flex_pbs.analysis.synthetic import PlantedPattern, planted_qkv
 from flex_pbs.engine.methods import METHODS
 from flex_pbs.engine.pipeline import dense_causal_attention
 
@@ -39,7 +39,19 @@ def test_output_equals_exact_attention_restricted_to_the_plan(method, length):
     assert rel_error(reference, sdpa(q, k, v)) > 1e-3
 
 
-@pytest.mark.parametrize("permute", ["key", "none"])
+def test_output_equals_exact_attention_restricted_to_the_plan_with_permuted_and_unpermuted_heads():
+    """``permute="auto"`` mixes sorted and original key orders across the heads of one call;
+    fp32 both sides, tolerance as above."""
+    scattered = planted_qkv(1, 2, 1, 2048, 64, seed=5)
+    local = planted_qkv(1, 2, 1, 2048, 64, PlantedPattern(heavy_fraction=0.0), seed=5)
+    q, k, v = (torch.cat(pair, dim=1) for pair in zip(scattered, local))
+    out, plan = pbs_attention(q, k, v, PBSConfig(permute="auto", segment_size=256), return_plan=True)
+    assert plan.permuted_heads.tolist() == [[True, False]] and plan.density < 1.0
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.token_mask(), enable_gqa=True)
+    assert rel_error(out, reference) < 1e-5
+
+
+@pytest.mark.parametrize("permute", ["key", "none", "auto"])
 def test_token_mask_is_causal_in_caller_order_and_follows_the_blocks(permute):
     q, k, _ = planted_qkv(1, 4, 2, 1500, 64, seed=2)
     offset = 300
@@ -201,7 +213,7 @@ def _bad(**changes):
         (_bad(scale=float("inf")), ValueError, "scale must be a positive finite float or None, got inf"),
         (_bad(config=[0.5]), TypeError, "config must be a PBSConfig, a mapping of its fields or None, got list"),
         (_bad(config={"treshold": 0.5}), TypeError, r"unknown PBSConfig key\(s\) \['treshold'\]"),
-        (_bad(config=PBSConfig(backend="triton", force_local_blocks=0)), ValueError,
+        (_bad(config=PBSConfig(backend="triton", segment_size=128, force_local_blocks=0)), ValueError,
          r"backend='triton'\) needs a CUDA device \(inputs are on cpu\)"),
         (_bad(q=torch.ones(1, 4, 512, 32, dtype=torch.long)), TypeError, "floating point"),
         (_bad(v="values"), TypeError, "v must be a torch.Tensor"),
@@ -320,7 +332,7 @@ def test_gradients_at_threshold_one_equal_sdpa_and_long_inputs_are_refused_on_cp
     import flex_pbs.engine.pipeline as pipeline
 
     q, k, v = (t.clone().requires_grad_() for t in random_qkv(1, 4, 2, 1024, 32))
-    pbs_attention(q, k, v, PBSConfig(threshold=1.0)).square().sum().backward()
+    pbs_attention(q, k, v, PBSConfig(threshold=1.0, segment_size=128)).square().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
@@ -329,7 +341,7 @@ def test_gradients_at_threshold_one_equal_sdpa_and_long_inputs_are_refused_on_cp
         assert rel_error(got, t.grad) < 1e-5
     monkeypatch.setattr(pipeline, "CPU_GRAD_MAX_KEYS", 1000)
     with pytest.raises(ValueError, match="1024 keys is more than the 1000 allowed"):
-        pbs_attention(q, k, v, PBSConfig(threshold=0.9))
+        pbs_attention(q, k, v, PBSConfig(threshold=0.9, segment_size=128))
 
 
 def test_chunked_length_mismatch_suggests_q_offset():

@@ -53,7 +53,7 @@ def test_oracle_scores_are_exact_block_masses():
     from flex_pbs.analysis.metrics import attention_recall
 
     q, k = torch.randn(1, 4, 1000, 16) * 2, torch.randn(1, 2, 1000, 16)
-    plan = build_plan(q, k, PBSConfig(scoring="oracle", threshold=0.8))
+    plan = build_plan(q, k, PBSConfig(scoring="oracle", threshold=0.8, segment_size=128))
     valid_rows = torch.tensor([128.0] * 7 + [1000 - 7 * 128])
     assert torch.allclose(plan.block_scores.sum(-1), valid_rows.expand(1, 4, 8), atol=1e-3)
     # Selecting by true masses keeps at least the threshold's share of every query block.
@@ -116,7 +116,7 @@ def test_scores_with_narrower_key_blocks_sum_finer_tiles():
         # Pairs of 64-key blocks add up to the 128-block scores (the same softmax per row).
         whole = antidiagonal_block_scores(q, k, order, wide, 8, 0.25, peak_weight=weight)
         assert torch.allclose(scores.unflatten(-1, (8, 2)).sum(-1), whole, atol=1e-5)
-    exact = build_plan(q * 2, k, PBSConfig(scoring="oracle", key_block_size=64, threshold=0.8)).block_scores
+    exact = build_plan(q * 2, k, PBSConfig(scoring="oracle", key_block_size=64, threshold=0.8, segment_size=128)).block_scores
     assert exact.shape == (1, 2, 8, 16)
     assert torch.allclose(exact.sum(-1), torch.tensor([128.0] * 7 + [1000 - 7 * 128]).expand(1, 2, 8), atol=1e-3)
 

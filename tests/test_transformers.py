@@ -13,7 +13,7 @@ ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral"]
 @pytest.fixture
 def registered():
     """Register flex_pbs for one test (threshold 1.0 unless the test re-registers)."""
-    reg = flex_pbs.register(PBSConfig(threshold=1.0), collect_stats=True, overwrite=True)
+    reg = flex_pbs.register(PBSConfig(segment_size=128, threshold=1.0), collect_stats=True, overwrite=True)
     yield reg
     flex_pbs.unregister()
 
@@ -45,7 +45,7 @@ def test_greedy_generate_matches_sdpa(registered, arch):
 
 @pytest.mark.parametrize("threshold", [1.0, 0.8])
 def test_left_padded_batch_matches_each_prompt_alone(threshold):
-    flex_pbs.register(PBSConfig(threshold=threshold), overwrite=True)
+    flex_pbs.register(PBSConfig(segment_size=128, threshold=threshold), overwrite=True)
     try:
         _, pbs = models("llama")
         long, short = torch.randint(1, 1024, (1, 700)), torch.randint(1, 1024, (1, 520))
@@ -88,7 +88,7 @@ def test_mask_with_holes_falls_back_to_exact_attention(registered):
 
 @pytest.mark.parametrize("threshold", [1.0, 0.7])
 def test_chunked_prefill_with_a_cache(threshold):
-    flex_pbs.register(PBSConfig(threshold=threshold), collect_stats=True, overwrite=True)
+    flex_pbs.register(PBSConfig(segment_size=128, threshold=threshold), collect_stats=True, overwrite=True)
     try:
         ref, pbs = models("llama")
         ids = torch.randint(0, 1024, (1, 1100))
@@ -120,7 +120,7 @@ def test_sliding_window_models_run_exactly(registered):
 
 def test_per_layer_control_and_stats():
     flex_pbs.register(
-        PBSConfig(threshold=0.5, force_local_blocks=0), dense_layers=1, layer_thresholds={1: 0.3},
+        PBSConfig(segment_size=128, threshold=0.5, force_local_blocks=0), dense_layers=1, layer_thresholds={1: 0.3},
         collect_stats=True, stats_recall=True, overwrite=True,
     )
     try:
@@ -206,7 +206,7 @@ def test_negative_layer_indices_are_refused_at_register(kwargs, message):
      ({"layer_thresholds": {99: 0.5}}, r"layer_thresholds \[99\]: the model has 2 layers \(0\.\.1\)")],
 )
 def test_layer_indices_beyond_the_model_fail_at_apply_and_first_forward(kwargs, message):
-    flex_pbs.register(PBSConfig(threshold=1.0), overwrite=True, **kwargs)
+    flex_pbs.register(PBSConfig(segment_size=128, threshold=1.0), overwrite=True, **kwargs)
     try:
         ref, pbs = models("llama")
         with pytest.raises(ValueError, match=message):
@@ -219,7 +219,7 @@ def test_layer_indices_beyond_the_model_fail_at_apply_and_first_forward(kwargs, 
 
 
 def test_valid_layer_indices_keep_working():
-    flex_pbs.register(PBSConfig(threshold=1.0), dense_layers=2, layer_thresholds={1: 0.5}, collect_stats=True, overwrite=True)
+    flex_pbs.register(PBSConfig(segment_size=128, threshold=1.0), dense_layers=2, layer_thresholds={1: 0.5}, collect_stats=True, overwrite=True)
     try:
         ref, pbs = models("llama")
         flex_pbs.apply(ref)  # 2 of 2 layers dense is fine
@@ -239,7 +239,7 @@ STATIC = {"do_sample": False, "pad_token_id": 0, "cache_implementation": "static
 @pytest.fixture
 def registered_no_local():
     """threshold 1.0 without forced local blocks, so that short prompts really run PBS."""
-    reg = flex_pbs.register(PBSConfig(threshold=1.0, force_local_blocks=0), collect_stats=True, overwrite=True)
+    reg = flex_pbs.register(PBSConfig(segment_size=128, threshold=1.0, force_local_blocks=0), collect_stats=True, overwrite=True)
     yield reg
     flex_pbs.unregister()
 
@@ -268,7 +268,7 @@ def test_static_cache_generate_with_left_padding_matches_sdpa(registered_no_loca
 
 
 def test_static_cache_generate_with_a_sparse_threshold():
-    flex_pbs.register(PBSConfig(threshold=0.5, force_local_blocks=0), collect_stats=True, overwrite=True)
+    flex_pbs.register(PBSConfig(segment_size=128, threshold=0.5, force_local_blocks=0), collect_stats=True, overwrite=True)
     try:
         _, pbs = models("llama")
         ids = torch.randint(1, 1024, (1, 1024))
@@ -357,7 +357,7 @@ def test_training_at_threshold_one_has_the_gradients_of_sdpa(registered, arch, c
 
 def test_training_at_a_sparse_threshold_lowers_the_loss():
     """Sparse attention in training: finite gradients, an optimizer step, the loss falls."""
-    flex_pbs.register(PBSConfig(threshold=0.5, force_local_blocks=0), collect_stats=True, overwrite=True)
+    flex_pbs.register(PBSConfig(segment_size=128, threshold=0.5, force_local_blocks=0), collect_stats=True, overwrite=True)
     try:
         model = random_model(tiny_config("llama"), "flex_pbs", seed=1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -371,5 +371,19 @@ def test_training_at_a_sparse_threshold_lowers_the_loss():
             losses.append(loss)
         assert losses[-1] < losses[0] - 0.5 and all(b < a for a, b in zip(losses, losses[1:]))
         assert all(float(s.density.mean()) < 0.8 for s in flex_pbs.stats(model).values())
+    finally:
+        flex_pbs.unregister()
+
+
+@pytest.mark.parametrize("permute, share", [("key", 1.0), ("none", 0.0)])
+def test_stats_record_the_share_of_kv_heads_whose_keys_were_permuted(permute, share):
+    flex_pbs.register(PBSConfig(permute=permute, segment_size=256), collect_stats=True, overwrite=True)
+    try:
+        _, pbs = models("llama")
+        with torch.no_grad():
+            pbs(torch.randint(0, 1024, (1, 1100)))
+        stats = flex_pbs.stats(pbs)
+        kv_heads = pbs.config.num_key_value_heads
+        assert all(s.permuted.shape == (kv_heads,) and s.permuted.tolist() == [share] * kv_heads for s in stats.values())
     finally:
         flex_pbs.unregister()

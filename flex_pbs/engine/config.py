@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 SCORINGS = ("antidiagonal", "mean", "oracle")
-PERMUTES = ("key", "none")
+PERMUTES = ("key", "none", "auto")
+KEY_SORTS = ("full", "front")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -31,17 +32,18 @@ def _require_fraction(name: str, value: Any, allow_none: bool = False) -> None:
 class PBSConfig:
     """Configuration of permuted block-sparse attention.
 
-    The defaults are the best quality-for-density choice measured on the bundled real model
-    (README, "Quality") among configurations that keep FlexAttention's fast 128-row query
-    tiles: blocks of 128 queries x 64 keys, antidiagonal scoring mixed half and half with the
-    peak estimate, a diagonal segment of one query block, a forced local window of 8 key
-    blocks (512 tokens), and **no** key permutation, which lost whole-sequence perplexity at
-    equal density there. The speed-first preset ``pbs_fast`` (``flex_pbs.engine.methods``) is
-    ``key_block_size=None, force_local_blocks=4, peak_weight=0.0`` (square 128-token blocks,
-    XAttention's scoring: about 1.4x faster per call on an H100, 0.8-1.3 points more
-    perplexity at density 0.25 on 8K tokens); the PBS paper's algorithm is
-    ``scoring="mean", permute="key", segment_size=256, key_block_size=None,
-    force_local_blocks=0``.
+    The defaults serve both regimes measured (docs/results.md, "The adaptive default"): blocks
+    of 128 queries x 64 keys (FlexAttention's fast 128-row query tiles), antidiagonal scoring
+    mixed half and half with the peak estimate, 512-token segments, a forced local window of
+    8 key blocks (512 tokens), and **adaptive** permutation: a head's keys are reordered only
+    where that cuts the key blocks its last query block needs by 2x or more, and then only
+    the segment's most important key block's worth moves to its front (``key_sort="front"``),
+    so the other keys keep the structure the estimate reads. On real text this matches or
+    beats the unpermuted configuration at equal density; on scattered heavy hitters it
+    reaches the exact-mass selection's density. The speed-first preset ``pbs_fast``
+    (``flex_pbs.engine.methods``) keeps square 128-token blocks, XAttention's scoring and no
+    permutation; the PBS paper's algorithm is ``scoring="mean", permute="key",
+    key_sort="full", segment_size=256, key_block_size=None, force_local_blocks=0``.
 
     Attributes:
         block_size: tokens per query block (and per key block unless ``key_block_size`` is
@@ -66,7 +68,18 @@ class PBSConfig:
             the default ``0.5`` counts a block when it matters to either estimate.
             Only the antidiagonal scorer has it (``mean`` and ``oracle`` ignore it).
         permute: ``"key"`` sorts keys inside segments by importance to the last query
-            block; ``"none"`` keeps the original order.
+            block; ``"none"`` keeps the original order; ``"auto"`` sorts them only in the
+            (batch element, KV head) pairs where sorting cuts the key blocks the last query
+            block needs to reach ``threshold`` of its exact attention by ``permute_gain`` or
+            more (counted from that block's exact attention, which the importance already is).
+        key_sort: how keys are ordered inside a segment when they are permuted: ``"full"``
+            sorts them by descending importance (the paper); ``"front"`` moves the segment's
+            ``key_block_size`` most important keys into its first block and leaves every key
+            in its original relative order otherwise, which gathers the heavy keys as well
+            while the other blocks keep the local and diagonal structure the antidiagonal
+            estimate reads.
+        permute_gain: with ``permute="auto"``, the factor by which sorting must cut the last
+            query block's needed (non-forced) key blocks for a head to be permuted.
         force_sink: always compute the block holding original token 0.
         force_local_blocks: always compute this many key blocks just before the diagonal
             segment (a local window; it carries the recent context of a segment's first
@@ -92,12 +105,12 @@ class PBSConfig:
 
     block_size: int = 128
     key_block_size: int | None = 64
-    segment_size: int = 128
+    segment_size: int = 512
     threshold: float = 0.9
     scoring: str = "antidiagonal"
     stride: int = 8
     peak_weight: float = 0.5
-    permute: str = "none"
+    permute: str = "auto"
     force_sink: bool = True
     dense_below: int = 0
     max_density: float | None = None
@@ -106,6 +119,8 @@ class PBSConfig:
     scoring_fp8: bool = False
     force_local_blocks: int = 8
     threshold_counts_forced: bool = True
+    permute_gain: float = 2.0
+    key_sort: str = "front"
 
     def __post_init__(self) -> None:
         _require_int("block_size", self.block_size, 16)
@@ -143,12 +158,18 @@ class PBSConfig:
             raise ValueError(f"PBSConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.permute not in PERMUTES:
             raise ValueError(f"PBSConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
+        if self.key_sort not in KEY_SORTS:
+            raise ValueError(f"PBSConfig.key_sort must be one of {KEY_SORTS}, got {self.key_sort!r}")
         if self.permute != "none" and self.segment_size < 2 * key_block:
             raise ValueError(
                 f"PBSConfig(permute={self.permute!r}) needs segment_size >= 2 * key_block_size "
                 f"(got {self.segment_size} with key blocks of {key_block}): keys sorted inside "
                 f"one block stay in that block; the paper uses segment_size=256 with 128-blocks"
             )
+        if isinstance(self.permute_gain, bool) or not isinstance(self.permute_gain, (int, float)):
+            raise TypeError(f"PBSConfig.permute_gain must be a float >= 1, got {self.permute_gain!r}")
+        if not 1.0 <= float(self.permute_gain) < float("inf"):
+            raise ValueError(f"PBSConfig.permute_gain must be a finite float >= 1, got {self.permute_gain}")
         for flag in ("force_sink", "scoring_fp8", "threshold_counts_forced"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"PBSConfig.{flag} must be a bool, got {getattr(self, flag)!r}")

@@ -69,6 +69,11 @@ class PBSPlan:
         return torch.where(causal > 0, computed / causal.clamp(min=1), 1.0).reshape(batch, q_heads)
 
     @property
+    def permuted_heads(self) -> torch.Tensor:
+        """bool ``[B, Hkv]``: True where the plan moved keys out of their original order."""
+        return (self.key_order != torch.arange(self.layout.kv_len, device=self.key_order.device)).any(-1)
+
+    @property
     def density(self) -> float:
         """Computed causal blocks / all causal blocks, over batch and heads."""
         group = self.block_mask.shape[1] // self.causal_blocks.shape[1]

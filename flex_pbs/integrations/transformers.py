@@ -127,12 +127,14 @@ class LayerStats:
     q_len: int
     kv_len: int
     path: str  # "pbs", "dense" (skipped layer or short input) or "exact" (fallback)
+    permuted: torch.Tensor | None = None  # float [Hkv]: share of the batch whose keys were sorted
 
     def on_cpu(self) -> "LayerStats":
         """A copy with CPU tensors. Recorded stats stay on the attention's device until read,
         so that collecting them never makes the forward pass wait for the GPU."""
         recall = None if self.recall is None else self.recall.cpu()
-        return dataclasses.replace(self, density=self.density.cpu(), recall=recall)
+        permuted = None if self.permuted is None else self.permuted.cpu()
+        return dataclasses.replace(self, density=self.density.cpu(), recall=recall, permuted=permuted)
 
 
 @dataclass
@@ -427,8 +429,11 @@ def _record(reg: PBSRegistration, module, q, k, parts: list[_Part] | None, path:
             recall = torch.stack(
                 [attention_recall(q[b, :, r], k[b, :, s], p, scale=scale).mean(0) for b, r, s, p in parts]
             ).mean(0)
+    permuted = torch.stack([p.permuted_heads.float().mean(0) for *_, p in parts]).mean(0) if parts else None
     layer = getattr(module, "layer_idx", None)
-    reg.stats[module] = LayerStats(-1 if layer is None else layer, density, recall, q.shape[2], k.shape[2], path)
+    reg.stats[module] = LayerStats(
+        -1 if layer is None else layer, density, recall, q.shape[2], k.shape[2], path, permuted
+    )
 
 
 def _attention_forward(reg: PBSRegistration, module, query, key, value, attention_mask, scaling, dropout, kwargs):
