@@ -89,9 +89,9 @@ def test_run_suggests_the_method_node_for_a_method_field(tmp_path, override, sug
     [
         (["key_block_size=64"], "method.key_block_size=64"),
         (["-m", "threshold=0.8,0.9"], "method.threshold=0.8,0.9"),
-        (["task=passkey", "lengths=[600]"], "task.lengths=[600] (task=passkey)"),
+        (["task=passkey", "lengths=[600]"], "task.lengths=[600] (task=passkey|retrieval)"),
         (["tail_tokens=5"], "task.tail_tokens=5 (task=perplexity)"),
-        (["recall=false"], "task.recall=false (task=perplexity|attention_stats)"),
+        (["recall=false"], "task.recall=false (task=perplexity|continuation|attention_stats)"),
         (["arch=qwen2", "--cfg", "job"], "model.arch=qwen2"),
     ],
 )

@@ -291,7 +291,7 @@ def layer_thresholds_value(path: str | None, engine: PBSConfig | None) -> dict[i
 
 
 # Tasks that run under tensor parallelism: whole-model forward passes and generation.
-TENSOR_PARALLEL_TASKS = ("perplexity", "latency", "passkey")
+TENSOR_PARALLEL_TASKS = ("perplexity", "latency", "passkey", "continuation", "retrieval")
 
 
 def tensor_parallel_problems(tp: Any, task: str, model: ModelConfig) -> None:

@@ -103,6 +103,7 @@ def perplexity_of(method: Method, spec: RunSpec, session: Session, ids: torch.Te
         "passkey_correct": correct if trials else None,
         "passkey_trials": len(trials),
         "density": summary["density"] if sparse else 1.0,
+        "permuted_heads": summary["permuted_heads"] if sparse else 0.0,
         "recall": (summary["recall"] if sparse else 1.0) if task.recall else None,
         "wall_s": wall_s,
         "first_pass_s": first_pass_s,
