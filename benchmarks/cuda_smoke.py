@@ -9,7 +9,7 @@ stages, no host-device synchronisation in the attention path, and inputs that ne
 (refused: inference only). Prints one line per check, writes JSON, exits non-zero if a check
 fails.
 
-    python benchmarks/cuda_smoke.py [--out cuda_smoke.json] [--only matrix|head_dims|other]
+    python benchmarks/cuda_smoke.py [--out cuda_smoke.json] [--only matrix|head_dims|other] [--methods pbs ...]
 """
 
 from __future__ import annotations
@@ -250,10 +250,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="cuda_smoke.json")
     parser.add_argument("--only", choices=["matrix", "head_dims", "other"], help="run one group of checks")
+    named = [name for name, cfg in METHODS.items() if cfg is not None]
+    parser.add_argument("--methods", nargs="+", choices=named, default=named, help="the matrix's methods")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_smoke.py needs a CUDA device")
-    methods = [name for name, cfg in METHODS.items() if cfg is not None]
+    methods = args.methods
     matrix = [
         lambda m=m, dt=dt, d=d, n=n: method_matrix(m, dt, d, n)
         for m in methods for dt in (torch.float32, torch.bfloat16, torch.float16) for d in (64, 128) for n in (2048, 2000)
