@@ -60,8 +60,10 @@ def with_attention(model, name: str):
     return model
 
 
-def stats_of(model) -> dict[str, list[float]]:
-    return {str(layer): s.density.tolist() for layer, s in flex_pbs.stats(model).items()}
+def stats_of(model) -> dict[str, list]:
+    """Per layer: density per query head, and the share of each KV head's keys permuted."""
+    return {str(layer): [s.density.tolist(), None if s.permuted is None else s.permuted.tolist()]
+            for layer, s in flex_pbs.stats(model).items()}
 
 
 def main() -> None:
@@ -69,7 +71,7 @@ def main() -> None:
     checkpoint = sys.argv[3] if len(sys.argv) > 3 else None
     sharded, single, ids, pad = models(kind, checkpoint)
     report: dict = {"tp_size": tensor_parallel_size(sharded), "world_size": dist.get_world_size()}
-    sparse = PBSConfig(threshold=0.9, force_local_blocks=0)  # 700 tokens: forced blocks would cover all
+    sparse = PBSConfig(threshold=0.9, force_local_blocks=0, segment_size=128)  # 700 tokens: sparse only so
 
     # Threshold 1.0 under TP equals one-process SDPA.
     flex_pbs.register(PBSConfig(threshold=1.0), overwrite=True)

@@ -82,8 +82,8 @@ def check_report(report, size, tolerance):
         assert report[key] < tolerance, key
     assert report["stats_sharded"] == report["stats_single"]  # every layer, every head
     assert report["layers_stats_sharded"] == report["layers_stats_single"]
-    assert min(min(values) for values in report["stats_sharded"].values()) < 1  # really sparse
-    assert set(report["layers_stats_sharded"]["0"]) == {1.0}  # dense_layers=[0]
+    assert min(min(density) for density, _ in report["stats_sharded"].values()) < 1  # really sparse
+    assert set(report["layers_stats_sharded"]["0"][0]) == {1.0}  # dense_layers=[0]
     assert report["generated_sharded"] == report["generated_single"] and len(report["generated_single"]) == 20
 
 
@@ -94,7 +94,8 @@ def test_tiny_llama_over_two_ranks_equals_one_process(tmp_path):
     tokens equal; padding, chunked prefill, per-layer thresholds and dense layers too."""
     report = tensor_parallel_report(tmp_path, 2, "tiny", str(tmp_path / "checkpoint"), timeout=600)
     check_report(report, 2, 1e-5)
-    assert {len(values) for values in report["stats_sharded"].values()} == {4}  # all heads, not a rank's 2
+    assert {len(density) for density, _ in report["stats_sharded"].values()} == {4}  # all heads, not a rank's 2
+    assert {len(permuted) for _, permuted in report["stats_sharded"].values()} == {2}  # every KV head
 
 
 @pytest.mark.slow
@@ -102,7 +103,8 @@ def test_bundled_smollm2_over_three_ranks_equals_one_process(tmp_path):
     """SmolLM2's 9 query / 3 KV heads over 3 ranks, the same checks."""
     report = tensor_parallel_report(tmp_path, 3, "smollm2", timeout=900)
     check_report(report, 3, 1e-5)
-    assert {len(values) for values in report["stats_sharded"].values()} == {9}  # all heads, not a rank's 3
+    assert {len(density) for density, _ in report["stats_sharded"].values()} == {9}  # all heads, not a rank's 3
+    assert {len(permuted) for _, permuted in report["stats_sharded"].values()} == {3}  # every KV head
 
 
 @pytest.mark.slow

@@ -331,7 +331,8 @@ def _all_heads(layer: LayerStats, model: torch.nn.Module) -> LayerStats:
     if tensor_parallel_size(model) == 1:
         return layer
     recall = None if layer.recall is None else gather_heads(layer.recall, model)
-    return dataclasses.replace(layer, density=gather_heads(layer.density, model), recall=recall)
+    permuted = None if layer.permuted is None else gather_heads(layer.permuted, model)
+    return dataclasses.replace(layer, density=gather_heads(layer.density, model), recall=recall, permuted=permuted)
 
 
 def reset_stats(name: str = DEFAULT_NAME) -> None:
