@@ -72,8 +72,11 @@ def family_inputs(family: str, length: int, args) -> tuple[torch.Tensor, torch.T
 
 def measure(q: torch.Tensor, k: torch.Tensor, cfg: PBSConfig, recall_blocks: int, seed: int) -> dict:
     """Density and recall of ``cfg``'s plan for ``q: [B, Hq, L, D]``, ``k: [B, Hkv, L, D]``."""
+    synchronize = torch.cuda.synchronize if q.is_cuda else (lambda: None)  # honest wall time on a GPU
+    synchronize()
     start = time.perf_counter()
     plan = build_plan(q, k, cfg)
+    synchronize()
     plan_s = time.perf_counter() - start
     blocks = sample_query_blocks(plan.layout.num_q_blocks, recall_blocks, seed=seed)
     recall = attention_recall(q, k, plan, query_blocks=blocks)

@@ -162,10 +162,11 @@ CHECK = textwrap.dedent(
     from flex_pbs.engine.mask import build_stage
     from flex_pbs.engine.attend import flex_attend
     v = torch.randn(1, 2, 1024, 32)
-    for cfg in (PBSConfig(threshold=0.8, backend="triton"), PBSConfig(threshold=0.7, segment_size=256, backend="triton"),
-                PBSConfig(threshold=0.8, key_block_size=None, force_local_blocks=4, backend="triton"),
-                PBSConfig(threshold=0.95, max_density=0.2, backend="triton"),
-                PBSConfig(threshold=0.95, max_density=0.05, force_local_blocks=0, backend="triton")):
+    in_order = {"permute": "none", "segment_size": 128, "backend": "triton"}  # keys unpermuted, sparse at 1K
+    for cfg in (PBSConfig(threshold=0.8, **in_order), PBSConfig(threshold=0.7, **{**in_order, "segment_size": 256}),
+                PBSConfig(threshold=0.8, key_block_size=None, force_local_blocks=4, **in_order),
+                PBSConfig(threshold=0.95, max_density=0.2, **in_order),
+                PBSConfig(threshold=0.95, max_density=0.05, force_local_blocks=0, **in_order)):
         plan = build_plan(q, k, cfg)
         _, (kv_num, kv_idx, full_num, full_idx) = select_and_index_fused(plan.block_scores, plan.key_order, plan.layout, cfg)
         assert not kv_idx.is_contiguous() and kv_idx.storage().data_ptr() == full_idx.storage().data_ptr()  # one buffer
