@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.kernels import use_fused
-from flex_pbs.engine.layout import BlockLayout
+from flex_pbs.engine.layout import BlockLayout, block_min_position
 from flex_pbs.engine.select import forced_blocks, select_blocks
 
 # Keys per chunk when computing importance: bounds memory to G * block_size * chunk floats.
@@ -56,6 +56,20 @@ def key_importance(
     )
 
 
+def _order_within_segments(importance: torch.Tensor, segment_size: int, local_order) -> torch.Tensor:
+    """Key order with every complete segment reordered by ``local_order`` (``[..., n, S]``
+    importances -> ``[..., n, S]`` positions inside each segment); the tail keeps its order."""
+    batch, heads, kv_len = importance.shape
+    n_full = kv_len // segment_size
+    identity = torch.arange(kv_len, device=importance.device).expand(batch, heads, kv_len)
+    if n_full == 0:
+        return identity.clone()
+    full = importance[..., : n_full * segment_size].reshape(batch, heads, n_full, segment_size)
+    base = torch.arange(n_full, device=importance.device)[:, None] * segment_size
+    sorted_part = (local_order(full) + base).reshape(batch, heads, n_full * segment_size)
+    return torch.cat([sorted_part, identity[..., n_full * segment_size :]], dim=-1)
+
+
 def segment_key_order(importance: torch.Tensor, segment_size: int) -> torch.Tensor:
     """Sort keys by descending importance inside every complete segment.
 
@@ -67,16 +81,9 @@ def segment_key_order(importance: torch.Tensor, segment_size: int) -> torch.Tens
         long ``[B, Hkv, Lk]``: ``key_order[..., slot]`` is the original position of the key
         placed in ``slot``. Ties keep their original order (stable sort).
     """
-    batch, heads, kv_len = importance.shape
-    n_full = kv_len // segment_size
-    identity = torch.arange(kv_len, device=importance.device).expand(batch, heads, kv_len)
-    if n_full == 0:
-        return identity.clone()
-    full = importance[..., : n_full * segment_size].reshape(batch, heads, n_full, segment_size)
-    local = torch.sort(full, dim=-1, descending=True, stable=True).indices
-    base = torch.arange(n_full, device=importance.device)[:, None] * segment_size
-    sorted_part = (local + base).reshape(batch, heads, n_full * segment_size)
-    return torch.cat([sorted_part, identity[..., n_full * segment_size :]], dim=-1)
+    return _order_within_segments(
+        importance, segment_size, lambda full: torch.sort(full, dim=-1, descending=True, stable=True).indices
+    )
 
 
 def blocks_needed(
@@ -93,7 +100,8 @@ def blocks_needed(
     n_k = layout.num_kv_blocks
     mass = F.pad(importance.gather(-1, key_order), (0, n_k * layout.kv_block - kv_len))
     mass = mass.view(batch, heads, 1, n_k, layout.kv_block).sum(-1)  # [B, Hkv, 1, nK]
-    candidates = layout.causal_blocks(key_order)[:, :, -1:]
+    _, last_query = layout.query_block_bounds(key_order.device)  # the last row of causal_blocks only
+    candidates = (block_min_position(key_order, layout.kv_block) <= last_query[-1])[:, :, None, :]
     forced = forced_blocks(key_order, layout, config).expand(batch, heads, layout.num_q_blocks, n_k)[:, :, -1:]
     kept = select_blocks(mass, candidates, forced, config.threshold, counts_forced=config.threshold_counts_forced)
     return (kept & ~forced).flatten(1, 2).sum(-1)
@@ -124,18 +132,12 @@ def segment_front_key_order(importance: torch.Tensor, segment_size: int, front: 
         first and the others after them, each group in original order (ties for the last
         moved place go to the earlier key).
     """
-    batch, heads, kv_len = importance.shape
-    n_full = kv_len // segment_size
-    identity = torch.arange(kv_len, device=importance.device).expand(batch, heads, kv_len)
-    if n_full == 0:
-        return identity.clone()
-    full = importance[..., : n_full * segment_size].reshape(batch, heads, n_full, segment_size)
-    ranks = torch.sort(full, dim=-1, descending=True, stable=True).indices
-    moved = torch.zeros_like(full, dtype=torch.bool).scatter_(-1, ranks[..., :front], True)
-    local = torch.sort((~moved).to(torch.uint8), dim=-1, stable=True).indices
-    base = torch.arange(n_full, device=importance.device)[:, None] * segment_size
-    sorted_part = (local + base).reshape(batch, heads, n_full * segment_size)
-    return torch.cat([sorted_part, identity[..., n_full * segment_size :]], dim=-1)
+    def moved_first(full: torch.Tensor) -> torch.Tensor:
+        ranks = torch.sort(full, dim=-1, descending=True, stable=True).indices
+        moved = torch.zeros_like(full, dtype=torch.bool).scatter_(-1, ranks[..., :front], True)
+        return torch.sort((~moved).to(torch.uint8), dim=-1, stable=True).indices
+
+    return _order_within_segments(importance, segment_size, moved_first)
 
 
 def sorted_key_order(importance: torch.Tensor, layout: BlockLayout, config: PBSConfig) -> torch.Tensor:
