@@ -5,11 +5,12 @@ Every named method x {fp32, bf16, fp16} x head_dim {64, 128} x a length that is 
 own error, and at the method's threshold it equals exact attention restricted to the plan's
 computed blocks (``plan.token_mask()``: what the kernel must compute, permuted or not). Also:
 exact mode for shapes the fused kernels cannot tile, fused planning against the plain-torch
-stages, no host-device synchronisation in the attention path, and inputs that need grad
-(refused: inference only). Prints one line per check, writes JSON, exits non-zero if a check
-fails.
+stages, no host-device synchronisation in the attention path; and gradients (FlexAttention's
+backward) against exact attention restricted to the plan, fp32 and bf16, permuted and not,
+with GQA, and a tiny model trained through ``attn_implementation="flex_pbs"``. Prints one line
+per check, writes JSON, exits non-zero if a check fails.
 
-    python benchmarks/cuda_smoke.py [--out cuda_smoke.json] [--only matrix|head_dims|other] [--methods pbs ...]
+    python benchmarks/cuda_smoke.py [--out cuda_smoke.json] [--only matrix|head_dims|other|grad] [--methods pbs ...]
 """
 
 from __future__ import annotations
@@ -232,24 +233,85 @@ def no_host_sync(length: int = 8192) -> dict:
     return {"check": "no host sync", "syncing": syncing, "adapter density": density, "ok": not syncing}
 
 
-def grad_inputs() -> dict:
-    """Inference only: inputs that need grad fail with a message naming the fix; under no_grad
-    they run."""
-    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda", requires_grad=True) for _ in range(3))
-    try:
-        pbs_attention(q, k, v, PBSConfig(threshold=0.9))
-        refused = False
-    except NotImplementedError as error:
-        refused = "inference_mode" in str(error)
-    with torch.no_grad():
-        finite = bool(torch.isfinite(pbs_attention(q, k, v, PBSConfig(threshold=0.9))).all())
-    return {"check": "grad inputs refused, no_grad runs", "ok": refused and finite}
+def gradients(method: str, dtype: torch.dtype, head_dim: int, length: int, q_len: int | None = None,
+              **overrides: object) -> dict:
+    """Differentiable on CUDA: the gradients of a weighted sum of the output with respect to q,
+    k and v (and the output) equal those of exact attention restricted to the plan
+    (``plan.token_mask()``) in float64, within twice the error of the same SDPA reference run in
+    the input dtype plus :data:`ERROR_FLOOR`; finite; and the no-grad forward meets the same bound."""
+    q, k, v = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=7,
+                          dtype=dtype, device="cuda")
+    q = q[:, :, length - (q_len or length):]
+    offset = length - q.shape[2]
+    cfg = METHODS[method].replace(**overrides)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, plan = pbs_attention(*inputs, cfg, q_offset=offset, return_plan=True)
+    weights = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    (out.float() * weights).sum().backward()
+    mask = plan.token_mask()
+
+    def reference(ref_dtype: torch.dtype) -> list[torch.Tensor]:
+        leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
+        ref_out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, enable_gqa=True)
+        (ref_out.to(weights.dtype) * weights.to(ref_dtype)).sum().backward()
+        return [ref_out.detach()] + [t.grad for t in leaves]
+
+    exact, own = reference(torch.float64), reference(dtype)
+    errors = {}
+    for name, got, want, sdpa_own in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in inputs], exact, own):
+        err, sdpa_err = rel_error(got, want), rel_error(sdpa_own, want)
+        errors[name] = {"rel_error": err, "sdpa_rel_error": sdpa_err, "ok": bool(torch.isfinite(got).all()) and err <= 2 * sdpa_err + ERROR_FLOOR[dtype]}
+    with torch.no_grad():  # the inference path (its own mask and tiles) meets the same bound
+        inference = rel_error(pbs_attention(q, k, v, cfg, q_offset=offset), exact[0])
+    same_forward = inference <= 2 * errors["out"]["sdpa_rel_error"] + ERROR_FLOOR[dtype]
+    return {"check": f"gradients {method} {str(dtype)[6:]} d={head_dim} L={length} q_len={q.shape[2]} {overrides or ''}",
+            "density": plan.density, "permuted_heads": float(plan.permuted_heads.float().mean()), **errors,
+            "inference_rel_error": inference, "ok": same_forward and all(e["ok"] for e in errors.values())}
+
+
+def training(length: int = 2048, steps: int = 4) -> dict:
+    """``model.train()`` on CUDA with ``attn_implementation="flex_pbs"`` (tiny Llama, fp32): at
+    threshold 1.0 the loss and gradients are SDPA's (fp32, summation order only: 1e-4); at 0.9
+    with gradient checkpointing, gradients are finite and AdamW lowers the loss every step."""
+    import flex_pbs
+    from flex_pbs.runner.models import random_model, tiny_config
+
+    ids = torch.randint(0, 1024, (2, length), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def step(model, checkpointing=False):
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.item(), {name: p.grad for name, p in model.named_parameters()}
+
+    ref_loss, ref_grads = step(random_model(tiny_config("llama"), "sdpa", seed=1).cuda())
+    flex_pbs.register(PBSConfig(threshold=1.0), collect_stats=True, overwrite=True)
+    loss, grads = step(random_model(tiny_config("llama"), "flex_pbs", seed=1).cuda())
+    worst = max(rel_error(grads[name], grad) for name, grad in ref_grads.items())
+    flex_pbs.register(PBSConfig(threshold=0.9), collect_stats=True, overwrite=True)
+    model = random_model(tiny_config("llama"), "flex_pbs", seed=1).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, finite = [], True
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sparse_loss, sparse_grads = step(model, checkpointing=True)
+        finite &= all(bool(torch.isfinite(g).all()) for g in sparse_grads.values())
+        optimizer.step()
+        losses.append(sparse_loss)
+    density = float(sum(s.density.mean() for s in flex_pbs.stats(model).values()) / len(flex_pbs.stats(model)))
+    flex_pbs.unregister()
+    falls = all(b < a for a, b in zip(losses, losses[1:]))
+    return {"check": f"training tiny llama L={length}", "loss_rel_diff": abs(loss - ref_loss) / ref_loss,
+            "worst_grad_rel_error": worst, "sparse_losses": losses, "sparse_density": density, "finite": finite,
+            "ok": abs(loss - ref_loss) <= 1e-6 * ref_loss and worst < 1e-4 and finite and falls and density < 1}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="cuda_smoke.json")
-    parser.add_argument("--only", choices=["matrix", "head_dims", "other"], help="run one group of checks")
+    parser.add_argument("--only", choices=["matrix", "head_dims", "other", "grad"], help="run one group of checks")
     named = [name for name, cfg in METHODS.items() if cfg is not None]
     parser.add_argument("--methods", nargs="+", choices=named, default=named, help="the matrix's methods")
     args = parser.parse_args()
@@ -287,9 +349,19 @@ def main() -> None:
         lambda: fused_scores_vs_torch(torch.bfloat16, 0.5, block_size=64),
         lambda: fp8_scoring(16384, 0.5),
         no_host_sync,
-        grad_inputs,
     ]
-    groups = {"matrix": matrix, "head_dims": other_head_dims, "other": other}
+    grad = [  # merged 128 x 64 blocks, unmerged 128 x 128 (permuted), merged 64 x 64; mixed permuted heads
+        lambda m=m, dt=dt: gradients(m, dt, 128, 2048)
+        for m in ("pbs", "pbs_unpermuted", "pbs_antidiagonal", "pbs_fine") for dt in (torch.float32, torch.bfloat16)
+    ] + [
+        lambda: gradients("pbs", torch.bfloat16, 64, 2048),
+        lambda: gradients("pbs", torch.bfloat16, 128, 2000),  # ragged
+        lambda: gradients("pbs_antidiagonal", torch.bfloat16, 128, 4000, q_len=1500),  # chunk at an offset
+        lambda: gradients("pbs", torch.bfloat16, 128, 4096, permute="key"),
+        lambda: gradients("pbs", torch.bfloat16, 128, 2048, threshold=1.0),
+        training,
+    ]
+    groups = {"matrix": matrix, "head_dims": other_head_dims, "other": other, "grad": grad}
     checks = groups[args.only] if args.only else [check for group in groups.values() for check in group]
     results = []
     for check in checks:

@@ -123,6 +123,17 @@ def test_tuned_kernel_options_only_where_measured():
     assert flex._shared_memory_bytes(flex.HOPPER_D128_OPTIONS, 128, 4) > 232448
 
 
+def test_a_differentiated_call_tunes_the_forward_kernel_only():
+    """FlexAttention applies unprefixed options to its backward kernel too; with ``backward``
+    the tuned forward options become ``fwd_`` options and the backward keeps torch's configs."""
+    hopper = (9, 0)
+    forward = flex.cuda_kernel_options(128, (128, 128), (4096, 4096), hopper, keys_in_order=True)
+    both = flex.cuda_kernel_options(128, (128, 128), (4096, 4096), hopper, keys_in_order=True, backward=True)
+    assert both == {**{f"fwd_{name}": value for name, value in forward.items() if name != "IS_DIVISIBLE"},
+                    "IS_DIVISIBLE": True}
+    assert flex.cuda_kernel_options(128, (128, 128), (5000, 5000), (8, 0), backward=True) is None
+
+
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
 @pytest.mark.parametrize("block", [(128, 128), (128, 64), (64, 64), (32, 32)])

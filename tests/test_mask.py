@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from flex_pbs.engine.layout import BlockLayout
-from flex_pbs.engine.mask import block_indices, build_flex_mask, selection_indices
+from flex_pbs.engine.mask import GRADIENT_BLOCK, block_indices, build_flex_mask, differentiable_flex_mask, selection_indices
 from flex_pbs.engine.permute import segment_key_order
 
 
@@ -61,3 +61,33 @@ def test_budgeted_lists_are_widened_on_cpu_only():
     narrow = (partial_num, partial_idx[..., :3], full_num, full_idx[..., :3])  # as a budgeted selection gives them
     mask = build_flex_mask(narrow, None, layout)
     assert mask.kv_indices.shape[-1] == mask.full_kv_indices.shape[-1] == 8  # inductor's CPU kernel reads nK entries
+
+
+@pytest.mark.parametrize("block_size, key_block_size, segment_size", [(128, 64, 256), (64, None, 128), (128, None, 256), (64, 32, 128), (48, None, 96)])
+@pytest.mark.parametrize("permute", ["none", "key"])
+@pytest.mark.parametrize("q_len", [1900, 700])
+def test_differentiable_mask_attends_exactly_the_plan_on_blocks_the_backward_can_tile(block_size, key_block_size, segment_size, permute, q_len):
+    """The gradient path's mask merges blocks up to multiples of 128 (FlexAttention's backward
+    tiles must divide them) and still computes exactly the plan's keys: its forward equals
+    exact attention restricted to the plan (fp32, about 1e-6 apart), ragged lengths and a
+    query offset included; it carries the query-block indices the backward walks."""
+    from flex_pbs import PBSConfig, pbs_attention
+    from flex_pbs.analysis.synthetic import planted_qkv
+    from flex_pbs.engine.attend import flex_attend
+    from flex_pbs.engine.permute import permute_keys
+    from flex_pbs.engine.pipeline import plan_restricted_attention
+
+    q, k, v = planted_qkv(1, 4, 2, 1900, 64, seed=3)
+    q, offset = q[:, :, -q_len:], 1900 - q_len
+    cfg = PBSConfig(threshold=0.8, block_size=block_size, key_block_size=key_block_size, segment_size=segment_size,
+                    permute=permute, stride=16)
+    with torch.no_grad():
+        _, plan = pbs_attention(q, k, v, cfg, q_offset=offset, return_plan=True)
+        assert plan.density < 1
+        permuted = permute != "none"
+        mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
+        assert all(size % GRADIENT_BLOCK == 0 for size in mask.BLOCK_SIZE) and mask.q_indices is not None
+        k_in, v_in = (permute_keys(t, plan.key_order) if permuted else t for t in (k, v))
+        out = flex_attend(q, k_in, v_in, mask, 64**-0.5, keys_in_order=not permuted)
+        expected = plan_restricted_attention(q, k, v, plan, 64**-0.5)
+    assert (out - expected).abs().max() < 1e-5

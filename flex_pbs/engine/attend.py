@@ -104,6 +104,7 @@ def cuda_kernel_options(
     itemsize: int = 2,
     keys_in_order: bool = False,
     shared_memory: int = 232448,
+    backward: bool = False,
 ) -> dict[str, Any] | None:
     """FlexAttention kernel options on a CUDA device of compute ``capability``.
 
@@ -124,10 +125,16 @@ def cuda_kernel_options(
     diagonal segment, at or before every query of the block, so each row sees a key there; a
     permuted diagonal segment may put a segment's first queries' keys in its second block.
 
+    With ``backward`` (the call will be differentiated) the explicit tiles, warps, stages and
+    row guard are the forward kernel's only (``fwd_`` options): the backward kernel keeps
+    torch's own configs for its four tiles, which the forward's 8 warps and 3 stages would
+    otherwise override. ``IS_DIVISIBLE`` serves both.
+
     Args:
         head_dim: ``D``; block_size: the mask's ``(query, key)`` block; seq_lengths: the
             kernel's ``(q_len, kv_len)``; itemsize: bytes per input element;
-            shared_memory: the device's opt-in shared memory per block (H100: 232 448).
+            shared_memory: the device's opt-in shared memory per block (H100: 232 448);
+            backward: the options serve a call that autograd will differentiate.
 
     Returns:
         The options, or None for FlexAttention's defaults throughout.
@@ -144,12 +151,16 @@ def cuda_kernel_options(
         options = {}
     if "BLOCK_M" in options:
         options = _fit_shared_memory(options, head_dim, itemsize, shared_memory)
+    if backward:
+        options = {f"fwd_{name}": value for name, value in options.items()}
     if all(length % 128 == 0 for length in seq_lengths):
         options["IS_DIVISIBLE"] = True
     return options or None
 
 
-def default_kernel_options(q: torch.Tensor, block_mask: BlockMask, keys_in_order: bool = False) -> dict[str, Any] | None:
+def default_kernel_options(
+    q: torch.Tensor, block_mask: BlockMask, keys_in_order: bool = False, backward: bool = False
+) -> dict[str, Any] | None:
     """:func:`cuda_kernel_options` for ``q``'s device, dtype and the mask; None off CUDA."""
     if not q.is_cuda:
         return None
@@ -158,7 +169,7 @@ def default_kernel_options(q: torch.Tensor, block_mask: BlockMask, keys_in_order
     return cuda_kernel_options(
         q.shape[-1], tuple(block_mask.BLOCK_SIZE), tuple(block_mask.seq_lengths),
         torch.cuda.get_device_capability(q.device), itemsize=q.element_size(), keys_in_order=keys_in_order,
-        shared_memory=shared_memory(q.device),
+        shared_memory=shared_memory(q.device), backward=backward,
     )
 
 
@@ -190,6 +201,9 @@ def flex_attend(
 ) -> torch.Tensor:
     """Run the compiled FlexAttention, padding to the mask's kernel lengths if needed.
 
+    Differentiable on CUDA when the inputs need grad and ``block_mask`` carries query-block
+    indices (:func:`flex_pbs.engine.mask.differentiable_flex_mask`); forward only on CPU.
+
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` (GQA handled natively).
         block_mask: built for ``(q_len, kv_len)`` at least as long as the inputs.
@@ -201,15 +215,19 @@ def flex_attend(
     Returns:
         ``[B, Hq, Lq, D]``.
     """
-    if any(t.requires_grad for t in (q, k, v)):
-        # The attend stage runs forward only (FlexAttention has no CPU backward; its CUDA
-        # backward is not wired up): pbs_attention differentiates through plan-restricted
-        # attention instead. Under no_grad, inputs that merely carry requires_grad are detached.
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                "flex_attend runs forward only: call pbs_attention for gradients, or run under "
-                "torch.inference_mode() or torch.no_grad(), or detach the inputs"
-            )
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and not q.is_cuda:
+        raise NotImplementedError(
+            "FlexAttention has no backward on CPU: pbs_attention differentiates there through exact "
+            "attention restricted to the plan; or run under torch.inference_mode() or torch.no_grad(), "
+            "or detach the inputs"
+        )
+    if needs_grad and block_mask.q_indices is None:
+        raise ValueError(
+            "FlexAttention's backward needs the mask's query-block indices, which this BlockMask lacks: "
+            "build it with flex_pbs.engine.mask.differentiable_flex_mask"
+        )
+    if not needs_grad:  # inputs that merely carry requires_grad under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     q_len = q.shape[-2]
     kernel_q, kernel_kv = block_mask.seq_lengths
@@ -218,7 +236,7 @@ def flex_attend(
         for t in (q_in, k_in, v_in):
             torch._dynamo.maybe_mark_dynamic(t, 0)
     if kernel_options is None:
-        kernel_options = default_kernel_options(q, block_mask, keys_in_order)
+        kernel_options = default_kernel_options(q, block_mask, keys_in_order, backward=needs_grad)
     attend = compiled_flex_attention(q.device.type)
     try:
         with torch._dynamo.config.patch(recompile_limit=CPU_MAX_BUCKETS, fail_on_recompile_limit_hit=True), \

@@ -8,13 +8,14 @@ mask_mod compares original key positions with query positions, so causality is e
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from flex_pbs.engine.attend import bucket_length
-from flex_pbs.engine.layout import PAST_ANY_QUERY, BlockLayout
+from flex_pbs.engine.layout import PAST_ANY_QUERY, BlockLayout, cdiv
 
 # Inference never needs the transposed (query-major) indices; older torch always builds them.
 _SKIP_Q_BLOCKS = (
@@ -83,24 +84,7 @@ def build_flex_mask(
     if kv_idx.device.type == "cpu":  # one CPU kernel serves every batch size (attend.py)
         for t in (kv_num, kv_idx, full_num, full_idx):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-    if key_order is None:
-        # A tensor, not a Python int: the compiled kernel must not specialise on the offset.
-        # Filled on the device: copying a host value in would wait for all queued GPU work.
-        offset = torch.full((), layout.q_offset, dtype=torch.int64, device=kv_idx.device)
-
-        def original_position_causal(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset
-
-    else:
-        # Shifting by the query offset lets the mask_mod compare with the local query index.
-        shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
-        if shifted_order.device.type == "cpu":
-            torch._dynamo.maybe_mark_dynamic(shifted_order, 0)
-        group = q_heads // key_order.shape[1]
-
-        def original_position_causal(b, h, q_idx, kv_idx):
-            return shifted_order[b, h // group, kv_idx] <= q_idx
-
+    original_position_causal = _causal_mask_mod(key_order, layout, kv_len, q_heads, kv_idx.device)
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
@@ -111,6 +95,83 @@ def build_flex_mask(
         seq_lengths=(q_len, kv_len),
         **_SKIP_Q_BLOCKS,
     )
+
+
+# FlexAttention's backward on CUDA tiles a mask's blocks with up to 128 query and 128 key rows
+# (torch's default configs: 64 x 128 and 128 x 64 tiles on an H100 at head_dim <= 128) and
+# offers no kernel whose tiles do not divide the blocks. Gradients therefore run on blocks of
+# a multiple of 128 x 128, merged from the plan's smaller ones.
+GRADIENT_BLOCK = 128
+
+
+def differentiable_flex_mask(
+    selected: torch.Tensor, key_order: torch.Tensor | None, layout: BlockLayout
+) -> BlockMask:
+    """The plan's selection as a BlockMask that FlexAttention can differentiate on CUDA.
+
+    Blocks are merged up to a multiple of :data:`GRADIENT_BLOCK` in each dimension (the
+    backward's tiles must divide them) and the mask carries the query-block indices the
+    backward walks. A merged block is full where every block in it is selected and none is
+    in a diagonal segment; a merged block with only some of its blocks selected is partial,
+    and its mask_mod keeps exactly the selected blocks' causal keys, so the result is the
+    plan's attention, token for token. Without merging (blocks already 128-multiples) the mask
+    is the inference mask plus query-block indices.
+
+    Args:
+        selected: bool ``[B, Hq, nQ, nK]``, the plan's computed blocks (``plan.block_mask``).
+        key_order: long ``[B, Hkv, Lk]``, or None when the keys are in their original order.
+        layout: the plan's block geometry.
+    """
+    q_block, kv_block = layout.block_size, layout.kv_block
+    q_factor = math.lcm(q_block, GRADIENT_BLOCK) // q_block
+    kv_factor = math.lcm(kv_block, GRADIENT_BLOCK) // kv_block
+    batch, q_heads, n_q, n_kv = selected.shape
+    merged_q, merged_kv = cdiv(n_q, q_factor), cdiv(n_kv, kv_factor)
+    padded = F.pad(selected, (0, merged_kv * kv_factor - n_kv, 0, merged_q * q_factor - n_q))
+    diagonal = F.pad(layout.diagonal_blocks(selected.device), (0, merged_kv * kv_factor - n_kv, 0, merged_q * q_factor - n_q))
+    tiles = padded.view(batch, q_heads, merged_q, q_factor, merged_kv, kv_factor)
+    touches_diagonal = diagonal.view(merged_q, q_factor, merged_kv, kv_factor).any(dim=3).any(dim=1)
+    full = tiles.all(dim=5).all(dim=3) & ~touches_diagonal
+    partial = tiles.any(dim=5).any(dim=3) & ~full
+    causal = _causal_mask_mod(key_order, layout, merged_kv * kv_block * kv_factor, q_heads, selected.device)
+    if q_factor == kv_factor == 1:  # partial blocks are exactly the diagonal ones: causality suffices
+        mask_mod = causal
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return causal(b, h, q_idx, kv_idx) & padded[b, h, q_idx // q_block, kv_idx // kv_block]
+
+    return BlockMask.from_kv_blocks(
+        *block_indices(partial),
+        *block_indices(full),
+        BLOCK_SIZE=(q_block * q_factor, kv_block * kv_factor),
+        mask_mod=mask_mod,
+        seq_lengths=(layout.q_len, layout.kv_len),
+    )
+
+
+def _causal_mask_mod(key_order: torch.Tensor | None, layout: BlockLayout, kv_len: int, q_heads: int, device: torch.device):
+    """The mask_mod that keeps a key slot where its original position is at or before the
+    query's (``key_order`` None: the slots are the original positions)."""
+    if key_order is None:
+        # A tensor, not a Python int: the compiled kernel must not specialise on the offset.
+        # Filled on the device: copying a host value in would wait for all queued GPU work.
+        offset = torch.full((), layout.q_offset, dtype=torch.int64, device=device)
+
+        def original_position_causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+        return original_position_causal
+    # Shifting by the query offset lets the mask_mod compare with the local query index.
+    shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
+    if shifted_order.device.type == "cpu":
+        torch._dynamo.maybe_mark_dynamic(shifted_order, 0)
+    group = q_heads // key_order.shape[1]
+
+    def original_position_causal(b, h, q_idx, kv_idx):
+        return shifted_order[b, h // group, kv_idx] <= q_idx
+
+    return original_position_causal
 
 
 def build_stage(

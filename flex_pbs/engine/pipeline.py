@@ -23,8 +23,8 @@ from torch.nn.attention.flex_attention import BlockMask
 from flex_pbs.engine.attend import CompileBudgetSpent, flex_attend
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.layout import BlockLayout
-from flex_pbs.engine.mask import build_stage
-from flex_pbs.engine.permute import gather_stage, identity_key_order, permute_stage
+from flex_pbs.engine.mask import build_stage, differentiable_flex_mask
+from flex_pbs.engine.permute import gather_stage, identity_key_order, permute_keys, permute_stage
 from flex_pbs.engine.score import score_stage
 from flex_pbs.engine.select import select_stage
 
@@ -256,25 +256,30 @@ def _differentiable_attention(
 ) -> tuple[torch.Tensor, PBSPlan]:
     """PBS attention that autograd differentiates with respect to ``q``, ``k`` and ``v``: the
     plan (importance, permutation, scores, selection) is made without grad, and no gradient
-    flows into which blocks are chosen; attention over the chosen keys is differentiable. On CPU
-    (FlexAttention has no CPU backward) it runs as exact attention restricted to the plan."""
+    flows into which blocks are chosen; attention over the chosen keys is differentiable. On
+    CUDA through FlexAttention's backward (the gather into the permuted layout is
+    differentiable; the mask's blocks merged to what the backward can tile); on CPU, where
+    FlexAttention has no backward, as exact attention restricted to the plan."""
     sparse = not (config.is_dense_for(k.shape[2]) or _empty(q, k))
-    if sparse and q.is_cuda:
-        raise NotImplementedError(
-            "gradients through flex_pbs run on CPU only so far (exact attention restricted to the plan); on "
-            "CUDA run under torch.inference_mode() or torch.no_grad(), or detach the inputs"
-        )
-    if sparse and k.shape[2] > CPU_GRAD_MAX_KEYS:
+    if sparse and not q.is_cuda and k.shape[2] > CPU_GRAD_MAX_KEYS:
         raise ValueError(
             f"gradients through flex_pbs on CPU hold O(Lq x Lk) attention weights per head; {k.shape[2]} keys is "
             f"more than the {CPU_GRAD_MAX_KEYS} allowed (flex_pbs.engine.pipeline.CPU_GRAD_MAX_KEYS): use "
-            "shorter sequences for training on CPU"
+            "shorter sequences for training on CPU, or a GPU"
         )
     with torch.no_grad():
         plan = _plan_with_keys(q.detach(), k.detach(), config, scale, q_offset)[0]
     if plan.dense:
         return dense_causal_attention(q, k, v, scale, q_offset), plan
-    return plan_restricted_attention(q, k, v, plan, scale), plan
+    if not q.is_cuda:
+        return plan_restricted_attention(q, k, v, plan, scale), plan
+    permuted = config.permute != "none"
+    with torch.no_grad():
+        mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
+    k_perm, v_perm = (permute_keys(t, plan.key_order) if permuted else t for t in (k, v))  # differentiable
+    # Keeps the fully-masked-row guard: a merged block may hold no key some of its rows see.
+    out = flex_attend(q, k_perm, v_perm, mask, scale)
+    return out.masked_fill(non_finite_rows(q, k, v, plan), float("nan")), plan
 
 
 def _dense_plan(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> PBSPlan:
