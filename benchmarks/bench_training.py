@@ -80,7 +80,7 @@ def run_length(args, length: int) -> list[dict]:
     sdpa_ms = rows[0]["fwd_bwd_ms"]
     for row in rows:
         row["x_sdpa"] = sdpa_ms / row["fwd_bwd_ms"]
-        print(f"{row['length']:>7} {row['method']:<16} {str(row['budget']):>6} {row['density']:>7.3f} "
+        print(f"{row['length']:>7} {row['method']:<16} {row['budget']!s:>6} {row['density']:>7.3f} "
               f"{row['fwd_bwd_ms']:>10.1f} {row['forward_ms']:>9.1f} {row['x_sdpa']:>7.2f} {row['peak_gib']:>7.2f}", flush=True)
     return rows
 

@@ -16,6 +16,7 @@ per check, writes JSON, exits non-zero if a check fails.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -302,7 +303,7 @@ def training(length: int = 2048, steps: int = 4) -> dict:
         losses.append(sparse_loss)
     density = float(sum(s.density.mean() for s in flex_pbs.stats(model).values()) / len(flex_pbs.stats(model)))
     flex_pbs.unregister()
-    falls = all(b < a for a, b in zip(losses, losses[1:]))
+    falls = all(b < a for a, b in itertools.pairwise(losses))
     return {"check": f"training tiny llama L={length}", "loss_rel_diff": abs(loss - ref_loss) / ref_loss,
             "worst_grad_rel_error": worst, "sparse_losses": losses, "sparse_density": density, "finite": finite,
             "ok": abs(loss - ref_loss) <= 1e-6 * ref_loss and worst < 1e-4 and finite and falls and density < 1}

@@ -6,7 +6,13 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from flex_pbs.engine.layout import BlockLayout
-from flex_pbs.engine.mask import GRADIENT_BLOCK, block_indices, build_flex_mask, differentiable_flex_mask, selection_indices
+from flex_pbs.engine.mask import (
+    GRADIENT_BLOCK,
+    block_indices,
+    build_flex_mask,
+    differentiable_flex_mask,
+    selection_indices,
+)
 from flex_pbs.engine.permute import segment_key_order
 
 

@@ -24,7 +24,12 @@ from flex_pbs.engine.attend import CompileBudgetSpent, flex_attend
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.layout import BlockLayout
 from flex_pbs.engine.mask import build_stage, differentiable_flex_mask
-from flex_pbs.engine.permute import gather_stage, identity_key_order, permute_keys, permute_stage
+from flex_pbs.engine.permute import (
+    gather_stage,
+    identity_key_order,
+    permute_keys,
+    permute_stage,
+)
 from flex_pbs.engine.score import score_stage
 from flex_pbs.engine.select import select_stage
 
