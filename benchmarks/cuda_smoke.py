@@ -10,7 +10,7 @@ backward) against exact attention restricted to the plan, fp32 and bf16, permute
 with GQA, and a tiny model trained through ``attn_implementation="flex_pbs"``. Prints one line
 per check, writes JSON, exits non-zero if a check fails.
 
-    python benchmarks/cuda_smoke.py [--out cuda_smoke.json] [--only matrix|head_dims|other|grad] [--methods pbs ...]
+    python benchmarks/cuda_smoke.py [--out cuda_smoke.json] [--only matrix|head_dims|other|grad] [--methods pbs ...] [--dtypes bfloat16 ...]
 """
 
 from __future__ import annotations
@@ -315,13 +315,16 @@ def main() -> None:
     parser.add_argument("--only", choices=["matrix", "head_dims", "other", "grad"], help="run one group of checks")
     named = [name for name, cfg in METHODS.items() if cfg is not None]
     parser.add_argument("--methods", nargs="+", choices=named, default=named, help="the matrix's methods")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+                        default=["float32", "bfloat16", "float16"], help="the matrix's and the gradients' dtypes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_smoke.py needs a CUDA device")
     methods = args.methods
+    dtypes = [getattr(torch, name) for name in args.dtypes]
     matrix = [
         lambda m=m, dt=dt, d=d, n=n: method_matrix(m, dt, d, n)
-        for m in methods for dt in (torch.float32, torch.bfloat16, torch.float16) for d in (64, 128) for n in (2048, 2000)
+        for m in methods for dt in dtypes for d in (64, 128) for n in (2048, 2000)
     ]
     other_head_dims = [  # without tuned tiles, and fp32 at 256, where the fused planning does not fit
         lambda m=m, dt=dt, d=d: method_matrix(m, dt, d, 2000) for m in ("pbs", "pbs_antidiagonal", "pbs_fine")
@@ -354,14 +357,14 @@ def main() -> None:
     grad = [  # merged 128 x 64 blocks, unmerged 128 x 128 (permuted), merged 64 x 64; mixed permuted heads
         lambda m=m, dt=dt: gradients(m, dt, 128, 2048)
         for m in ("pbs", "pbs_unpermuted", "pbs_antidiagonal", "pbs_fine") for dt in (torch.float32, torch.bfloat16)
+        if dt in dtypes
     ] + [
         lambda: gradients("pbs", torch.bfloat16, 64, 2048),
         lambda: gradients("pbs", torch.bfloat16, 128, 2000),  # ragged
         lambda: gradients("pbs_antidiagonal", torch.bfloat16, 128, 4000, q_len=1500),  # chunk at an offset
         lambda: gradients("pbs", torch.bfloat16, 128, 4096, permute="key"),
         lambda: gradients("pbs", torch.bfloat16, 128, 2048, threshold=1.0),
-        training,
-    ]
+    ] * (torch.bfloat16 in dtypes) + [training] * (torch.float32 in dtypes)
     groups = {"matrix": matrix, "head_dims": other_head_dims, "other": other, "grad": grad}
     checks = groups[args.only] if args.only else [check for group in groups.values() for check in group]
     results = []

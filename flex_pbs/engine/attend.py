@@ -64,23 +64,29 @@ def largest_tile_dividing(block_size: int, limit: int = 128) -> int:
     return min(limit, block_size & -block_size)
 
 
-def _shared_memory_bytes(options: dict[str, Any], head_dim: int, itemsize: int) -> int:
+def _shared_memory_bytes(options: dict[str, Any], head_dim: int, itemsize: int, mask_gathers: bool = False) -> int:
     """Shared memory FlexAttention's forward kernel needs for explicit tiles: a Q tile and, per
     stage, a K and a V tile (``num_stages + 1`` tiles in all with TMA), at the padded head dim.
     Triton's reports on an H100: 329 760 bytes for 128 x 128 tiles, TMA, 3 stages, fp32, d=128
-    (this gives 327 680); 262 144 for 128 x 64, 3 stages, bf16, d=256 (this gives 262 144)."""
+    (this gives 327 680); 262 144 for 128 x 64, 3 stages, bf16, d=256 (this gives 262 144).
+    A mask_mod that gathers from a tensor (the gradient mask's selection table) also converts a
+    tile of 32-bit values through shared memory: 235 576 bytes for 128 x 128, TMA, 3 stages,
+    bf16, d=128 (this gives 229 376)."""
     padded_dim = 1 << max(4, (head_dim - 1).bit_length())
     stages = options.get("num_stages", _DEFAULT_STAGES)
     kv_tiles = stages + 1 if options.get("USE_TMA") else 2 * stages
-    return (options["BLOCK_M"] + kv_tiles * options["BLOCK_N"]) * padded_dim * itemsize
+    gather_tile = options["BLOCK_M"] * options["BLOCK_N"] * 4 if mask_gathers else 0
+    return (options["BLOCK_M"] + kv_tiles * options["BLOCK_N"]) * padded_dim * itemsize + gather_tile
 
 
-def _fit_shared_memory(options: dict[str, Any], head_dim: int, itemsize: int, shared_memory: int) -> dict[str, Any]:
+def _fit_shared_memory(
+    options: dict[str, Any], head_dim: int, itemsize: int, shared_memory: int, mask_gathers: bool = False
+) -> dict[str, Any]:
     """Shrink explicit tiles until they fit: fewer stages first, then narrower key tiles, then
     fewer query rows (smaller tiles still divide the mask's power-of-two blocks)."""
     options = dict(options)
     budget = shared_memory - 4096  # Triton's own scratch (2 080 bytes in the case above)
-    while _shared_memory_bytes(options, head_dim, itemsize) > budget:
+    while _shared_memory_bytes(options, head_dim, itemsize, mask_gathers) > budget:
         if options.get("num_stages", _DEFAULT_STAGES) > 2:
             options["num_stages"] = 2
         elif options["BLOCK_N"] > 16:
@@ -105,6 +111,7 @@ def cuda_kernel_options(
     keys_in_order: bool = False,
     shared_memory: int = 232448,
     backward: bool = False,
+    mask_gathers: bool = False,
 ) -> dict[str, Any] | None:
     """FlexAttention kernel options on a CUDA device of compute ``capability``.
 
@@ -134,7 +141,8 @@ def cuda_kernel_options(
         head_dim: ``D``; block_size: the mask's ``(query, key)`` block; seq_lengths: the
             kernel's ``(q_len, kv_len)``; itemsize: bytes per input element;
             shared_memory: the device's opt-in shared memory per block (H100: 232 448);
-            backward: the options serve a call that autograd will differentiate.
+            backward: the options serve a call that autograd will differentiate;
+            mask_gathers: the mask_mod reads a tensor at computed indices (more shared memory).
 
     Returns:
         The options, or None for FlexAttention's defaults throughout.
@@ -150,7 +158,7 @@ def cuda_kernel_options(
     else:
         options = {}
     if "BLOCK_M" in options:
-        options = _fit_shared_memory(options, head_dim, itemsize, shared_memory)
+        options = _fit_shared_memory(options, head_dim, itemsize, shared_memory, mask_gathers)
     if backward:
         options = {f"fwd_{name}": value for name, value in options.items()}
     if all(length % 128 == 0 for length in seq_lengths):
@@ -159,7 +167,8 @@ def cuda_kernel_options(
 
 
 def default_kernel_options(
-    q: torch.Tensor, block_mask: BlockMask, keys_in_order: bool = False, backward: bool = False
+    q: torch.Tensor, block_mask: BlockMask, keys_in_order: bool = False, backward: bool = False,
+    mask_gathers: bool = False,
 ) -> dict[str, Any] | None:
     """:func:`cuda_kernel_options` for ``q``'s device, dtype and the mask; None off CUDA."""
     if not q.is_cuda:
@@ -169,7 +178,7 @@ def default_kernel_options(
     return cuda_kernel_options(
         q.shape[-1], tuple(block_mask.BLOCK_SIZE), tuple(block_mask.seq_lengths),
         torch.cuda.get_device_capability(q.device), itemsize=q.element_size(), keys_in_order=keys_in_order,
-        shared_memory=shared_memory(q.device), backward=backward,
+        shared_memory=shared_memory(q.device), backward=backward, mask_gathers=mask_gathers,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from flex_pbs.engine.attend import CompileBudgetSpent, flex_attend
+from flex_pbs.engine.attend import CompileBudgetSpent, default_kernel_options, flex_attend
 from flex_pbs.engine.config import PBSConfig
 from flex_pbs.engine.layout import BlockLayout
 from flex_pbs.engine.mask import build_stage, differentiable_flex_mask
@@ -282,8 +282,10 @@ def _differentiable_attention(
     with torch.no_grad():
         mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
     k_perm, v_perm = (permute_keys(t, plan.key_order) if permuted else t for t in (k, v))  # differentiable
+    merged = tuple(mask.BLOCK_SIZE) != (plan.layout.block_size, plan.layout.kv_block)  # mask_mod reads the selection
     # Keeps the fully-masked-row guard: a merged block may hold no key some of its rows see.
-    out = flex_attend(q, k_perm, v_perm, mask, scale)
+    options = default_kernel_options(q, mask, backward=True, mask_gathers=merged)
+    out = flex_attend(q, k_perm, v_perm, mask, scale, kernel_options=options)
     return out.masked_fill(non_finite_rows(q, k, v, plan), float("nan")), plan
 
 
