@@ -20,6 +20,7 @@ import itertools
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -309,6 +310,14 @@ def training(length: int = 2048, steps: int = 4) -> dict:
             "ok": abs(loss - ref_loss) <= 1e-6 * ref_loss and worst < 1e-4 and finite and falls and density < 1}
 
 
+def check_name(check) -> str:
+    """A check's function and arguments, for the report of one that raised."""
+    if isinstance(check, partial):
+        arguments = [str(a)[6:] if isinstance(a, torch.dtype) else str(a) for a in check.args]
+        return " ".join([check.func.__name__, *arguments, *(f"{k}={v}" for k, v in check.keywords.items())])
+    return check.__name__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="cuda_smoke.json")
@@ -323,47 +332,47 @@ def main() -> None:
     methods = args.methods
     dtypes = [getattr(torch, name) for name in args.dtypes]
     matrix = [
-        lambda m=m, dt=dt, d=d, n=n: method_matrix(m, dt, d, n)
+        partial(method_matrix, m, dt, d, n)
         for m in methods for dt in dtypes for d in (64, 128) for n in (2048, 2000)
     ]
     other_head_dims = [  # without tuned tiles, and fp32 at 256, where the fused planning does not fit
-        lambda m=m, dt=dt, d=d: method_matrix(m, dt, d, 2000) for m in ("pbs", "pbs_antidiagonal", "pbs_fine")
+        partial(method_matrix, m, dt, d, 2000) for m in ("pbs", "pbs_antidiagonal", "pbs_fine")
         for dt in (torch.float32, torch.bfloat16) for d in (96, 256)
-    ] + [lambda d=d: method_matrix("pbs", torch.bfloat16, d, 2000, scoring_fp8=True) for d in (128, 256)]
+    ] + [partial(method_matrix, "pbs", torch.bfloat16, d, 2000, scoring_fp8=True) for d in (128, 256)]
     other = [
         guard_diagnosis,
-        lambda: exact_vs_sdpa(128, 8192, "auto"),
-        lambda: exact_vs_sdpa(96, 4096, "auto"),  # not a power of two: torch planning stages
-        lambda: exact_vs_sdpa(64, 4096, "triton"),
-        lambda: exact_vs_sdpa(128, 5000, "auto"),  # ragged length
-        lambda: exact_vs_sdpa(128, 8192, "auto", block_size=64),  # tiles must divide the blocks
-        lambda: exact_vs_sdpa(64, 4096, "auto", block_size=32),
-        lambda: exact_vs_sdpa(128, 8192, "auto", key_block_size=64),  # 128 x 64 blocks
-        lambda: chunked_exact(9000, 3001),
-        lambda: fused_vs_torch_plan(16384),
-        lambda: fused_vs_torch_plan(16384, key_block_size=None, force_local_blocks=4, peak_weight=0.0),  # pbs_fast
-        lambda: fused_vs_torch_plan(16384, key_block_size=None, permute="key", segment_size=256),  # pbs_antidiagonal
-        lambda: shared_index_buffer(20000),
-        lambda: shared_index_buffer(20000, max_density=0.1),
-        lambda: fp8_scoring(16384),
-        lambda: fused_scores_vs_torch(torch.float32),
-        lambda: fused_scores_vs_torch(torch.bfloat16),
-        lambda: fused_scores_vs_torch(torch.float32, 0.5),
-        lambda: fused_scores_vs_torch(torch.bfloat16, 0.5),
-        lambda: fused_scores_vs_torch(torch.bfloat16, 0.5, block_size=64),
-        lambda: fp8_scoring(16384, 0.5),
+        partial(exact_vs_sdpa, 128, 8192, "auto"),
+        partial(exact_vs_sdpa, 96, 4096, "auto"),  # not a power of two: torch planning stages
+        partial(exact_vs_sdpa, 64, 4096, "triton"),
+        partial(exact_vs_sdpa, 128, 5000, "auto"),  # ragged length
+        partial(exact_vs_sdpa, 128, 8192, "auto", block_size=64),  # tiles must divide the blocks
+        partial(exact_vs_sdpa, 64, 4096, "auto", block_size=32),
+        partial(exact_vs_sdpa, 128, 8192, "auto", key_block_size=64),  # 128 x 64 blocks
+        partial(chunked_exact, 9000, 3001),
+        partial(fused_vs_torch_plan, 16384),
+        partial(fused_vs_torch_plan, 16384, key_block_size=None, force_local_blocks=4, peak_weight=0.0),  # pbs_fast
+        partial(fused_vs_torch_plan, 16384, key_block_size=None, permute="key", segment_size=256),  # pbs_antidiagonal
+        partial(shared_index_buffer, 20000),
+        partial(shared_index_buffer, 20000, max_density=0.1),
+        partial(fp8_scoring, 16384),
+        partial(fused_scores_vs_torch, torch.float32),
+        partial(fused_scores_vs_torch, torch.bfloat16),
+        partial(fused_scores_vs_torch, torch.float32, 0.5),
+        partial(fused_scores_vs_torch, torch.bfloat16, 0.5),
+        partial(fused_scores_vs_torch, torch.bfloat16, 0.5, block_size=64),
+        partial(fp8_scoring, 16384, 0.5),
         no_host_sync,
     ]
     grad = [  # merged 128 x 64 blocks, unmerged 128 x 128 (permuted), merged 64 x 64; mixed permuted heads
-        lambda m=m, dt=dt: gradients(m, dt, 128, 2048)
+        partial(gradients, m, dt, 128, 2048)
         for m in ("pbs", "pbs_unpermuted", "pbs_antidiagonal", "pbs_fine") for dt in (torch.float32, torch.bfloat16)
         if dt in dtypes
     ] + [
-        lambda: gradients("pbs", torch.bfloat16, 64, 2048),
-        lambda: gradients("pbs", torch.bfloat16, 128, 2000),  # ragged
-        lambda: gradients("pbs_antidiagonal", torch.bfloat16, 128, 4000, q_len=1500),  # chunk at an offset
-        lambda: gradients("pbs", torch.bfloat16, 128, 4096, permute="key"),
-        lambda: gradients("pbs", torch.bfloat16, 128, 2048, threshold=1.0),
+        partial(gradients, "pbs", torch.bfloat16, 64, 2048),
+        partial(gradients, "pbs", torch.bfloat16, 128, 2000),  # ragged
+        partial(gradients, "pbs_antidiagonal", torch.bfloat16, 128, 4000, q_len=1500),  # chunk at an offset
+        partial(gradients, "pbs", torch.bfloat16, 128, 4096, permute="key"),
+        partial(gradients, "pbs", torch.bfloat16, 128, 2048, threshold=1.0),
     ] * (torch.bfloat16 in dtypes) + [training] * (torch.float32 in dtypes)
     groups = {"matrix": matrix, "head_dims": other_head_dims, "other": other, "grad": grad}
     checks = groups[args.only] if args.only else [check for group in groups.values() for check in group]
@@ -373,7 +382,7 @@ def main() -> None:
         try:
             result = check()
         except Exception as error:  # report every check, then fail
-            result = {"check": getattr(check, "__name__", "check"), "ok": False, "error": repr(error)[:500]}
+            result = {"check": check_name(check), "ok": False, "error": repr(error)[:500]}
         result["seconds"] = round(time.perf_counter() - start, 2)
         results.append(result)
         print(json.dumps(result), flush=True)
