@@ -372,6 +372,10 @@ def pbs_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, PBSPlan]:
     """Causal permuted block-sparse attention.
 
+    Differentiable with respect to ``q``, ``k`` and ``v`` (CUDA: FlexAttention's backward; CPU:
+    exact attention restricted to the plan, up to :data:`CPU_GRAD_MAX_KEYS` keys). The selection,
+    which blocks are computed, is not differentiable: no gradient flows into it.
+
     Args:
         q: ``[B, Hq, Lq, D]``.
         k, v: ``[B, Hkv, Lk, D]``; ``Hq`` a multiple of ``Hkv`` (GQA without copies).
