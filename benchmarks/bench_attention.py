@@ -69,10 +69,11 @@ from flex_pbs.engine.score import score_stage  # noqa: E402
 from flex_pbs.engine.select import select_stage  # noqa: E402
 
 
-def bench_ms(fn, rep_ms: int = 200) -> float:
+def bench_ms(fn, rep_ms: int = 200, grads: list[torch.Tensor] | None = None) -> float:
+    """CUDA-event median of ``fn`` (``grads``: tensors whose ``.grad`` is reset between calls)."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+    return float(do_bench(fn, warmup=50, rep=rep_ms, grad_to_none=grads, return_mode="median"))
 
 
 def peak_gib(fn) -> float:

@@ -25,23 +25,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_attention import bench_ms, peak_gib  # noqa: E402
+
 from flex_pbs import pbs_attention  # noqa: E402
 from flex_pbs.analysis.workloads import WORKLOADS  # noqa: E402
 from flex_pbs.engine.methods import METHODS, method_config  # noqa: E402
-
-
-def bench_ms(fn, grads: list[torch.Tensor]) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=50, rep=200, grad_to_none=grads, return_mode="median"))
-
-
-def peak_gib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def run_length(args, length: int) -> list[dict]:
@@ -50,16 +38,17 @@ def run_length(args, length: int) -> list[dict]:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     dout = torch.randn_like(q)
 
-    def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    calls = {("sdpa", None): sdpa}
+    configs = {("sdpa", None): None}
     for method in args.methods:
         for budget in (None, *args.max_density):
-            cfg = method_config(method).replace(threshold=args.threshold, max_density=budget)
-            calls[(method, budget)] = lambda cfg=cfg: pbs_attention(q, k, v, cfg)
+            configs[(method, budget)] = method_config(method).replace(threshold=args.threshold, max_density=budget)
     rows = []
-    for (method, budget), attend in calls.items():
+    for (method, budget), cfg in configs.items():
+        def attend(cfg=cfg):
+            if cfg is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return pbs_attention(q, k, v, cfg)
+
         def step(attend=attend):
             attend().backward(dout)
 
@@ -68,12 +57,11 @@ def run_length(args, length: int) -> list[dict]:
                 attend()
 
         step()  # compiles forward and backward
-        forward()
-        with torch.no_grad():
-            density = 1.0 if method == "sdpa" else pbs_attention(q, k, v, method_config(method).replace(
-                threshold=args.threshold, max_density=budget), return_plan=True)[1].density
+        with torch.no_grad():  # and the no-grad forward
+            density = 1.0 if cfg is None else pbs_attention(q, k, v, cfg, return_plan=True)[1].density
+        grads = [q, k, v]
         row = {"length": length, "method": method, "budget": budget if budget is not None else "none",
-               "density": density, "fwd_bwd_ms": bench_ms(step, [q, k, v]), "forward_ms": bench_ms(forward, [q, k, v]),
+               "density": density, "fwd_bwd_ms": bench_ms(step, grads=grads), "forward_ms": bench_ms(forward, grads=grads),
                "peak_gib": peak_gib(step)}
         q.grad = k.grad = v.grad = None
         rows.append(row)

@@ -127,8 +127,9 @@ def differentiable_flex_mask(
     kv_factor = math.lcm(kv_block, GRADIENT_BLOCK) // kv_block
     batch, q_heads, n_q, n_kv = selected.shape
     merged_q, merged_kv = cdiv(n_q, q_factor), cdiv(n_kv, kv_factor)
-    padded = F.pad(selected, (0, merged_kv * kv_factor - n_kv, 0, merged_q * q_factor - n_q))
-    diagonal = F.pad(layout.diagonal_blocks(selected.device), (0, merged_kv * kv_factor - n_kv, 0, merged_q * q_factor - n_q))
+    padding = (0, merged_kv * kv_factor - n_kv, 0, merged_q * q_factor - n_q)
+    padded = F.pad(selected, padding)
+    diagonal = F.pad(layout.diagonal_blocks(selected.device), padding)
     tiles = padded.view(batch, q_heads, merged_q, q_factor, merged_kv, kv_factor)
     touches_diagonal = diagonal.view(merged_q, q_factor, merged_kv, kv_factor).any(dim=3).any(dim=1)
     full = tiles.all(dim=5).all(dim=3) & ~touches_diagonal
