@@ -261,6 +261,22 @@ def test_a_non_finite_query_row_is_nan_as_in_sdpa_never_zeros():
     assert finite_rows.sum() == finite_rows.numel() - 2
 
 
+def test_non_finite_entries_are_found_in_every_chunk_of_rows(monkeypatch):
+    """The finiteness check reads Q, K and V a chunk of rows at a time (isfinite's temporaries
+    are 2.5x a 16-bit input): entries on the first and last row of a chunk still make NaN rows."""
+    import flex_pbs.engine.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_RESTRICTED_CHUNK_ELEMENTS", 4 * 64 * 5)  # 5 query rows, 10 key rows
+    q, k, v = planted_qkv(1, 4, 2, 2048, 64, seed=3)
+    q[0, 1, 1500] = float("nan")  # first row of a chunk
+    q[0, 2, 704, 63] = float("-inf")  # last row of a chunk
+    v[0, 1, 1999, 0] = float("inf")  # last row of a key chunk: query heads 2 and 3 attend it (diagonal)
+    out = pbs_attention(q, k, v)
+    nan_rows = torch.isnan(out).any(-1)[0]
+    assert nan_rows[1, 1500] and nan_rows[2, 704] and nan_rows[2:, 1999:].all()
+    assert nan_rows[:2].sum() == 1 and nan_rows[2:, :1920].sum() == 1  # a value's NaN stays in its tile's rows
+
+
 @pytest.mark.parametrize("cfg, offset", [(PBSConfig(), 0), (PBSConfig(), 1000),
                                          (PBSConfig(permute="key", segment_size=256), 0),
                                          (PBSConfig(permute="key", segment_size=256), 300)])
