@@ -45,8 +45,7 @@ def exact_vs_sdpa(head_dim: int, length: int, backend: str, block_size: int = 12
     """threshold 1.0 (every causal block) against SDPA, both bf16, against an fp32 reference."""
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=0)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
-    config = PBSConfig(threshold=1.0, backend=backend, block_size=block_size, segment_size=block_size,
-                       key_block_size=key_block_size)
+    config = PBSConfig(threshold=1.0, backend=backend, block_size=block_size, key_block_size=key_block_size)
     out = pbs_attention(q, k, v, config)
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
@@ -153,12 +152,16 @@ def shared_index_buffer(length: int, **config: object) -> dict:
     separate torch lists of the same selection."""
     from flex_pbs.engine.attend import flex_attend
     from flex_pbs.engine.mask import build_stage, selection_indices
+    from flex_pbs.engine.permute import permute_keys
 
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=4)
     q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
-    plan = build_plan(q, k, PBSConfig(threshold=0.9, **config))
+    cfg = PBSConfig(threshold=0.9, **config)
+    plan = build_plan(q, k, cfg)
+    permuted = cfg.permute != "none"
+    k, v = (permute_keys(t, plan.key_order) if permuted else t for t in (k, v))
     lists = selection_indices(plan.block_mask, plan.layout.diagonal_blocks(q.device))
-    reference = flex_attend(q, k, v, build_stage(lists, plan.key_order, plan.layout, permuted=False), 128**-0.5)
+    reference = flex_attend(q, k, v, build_stage(lists, plan.key_order, plan.layout, permuted=permuted), 128**-0.5)
     out = flex_attend(q, k, v, plan.flex_mask, 128**-0.5)
     diff = float((out.float() - reference.float()).abs().max())
     width = plan.flex_mask.full_kv_indices.shape[-1]
