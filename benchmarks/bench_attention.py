@@ -134,6 +134,18 @@ def parse_method(method: str) -> tuple[str, dict]:
     return name, fields
 
 
+def method_at(method: str, threshold: float) -> PBSConfig:
+    """The config of ``name[:field=value,...]`` at ``threshold`` (the method's own fields win);
+    a wrong name or field exits with one line."""
+    name, fields = parse_method(method)
+    if name == "dense":
+        raise SystemExit("'dense' computes every block (density 1, recall 1; timed as SDPA); name a PBS method")
+    try:
+        return method_config(name, **{"threshold": threshold, **fields})
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"{method}: {error}") from None
+
+
 def method_of(args, method: str, **changes) -> PBSConfig:
     """The config of ``name[:field=value,...]`` from ``flex_pbs.engine.methods``: ``changes``,
     then the method's own fields, then the command line's overrides."""

@@ -1,7 +1,8 @@
 """Training-step attention benchmark: forward + backward of named PBS methods against SDPA's.
 
 One process, the same bf16 inputs (``--workload``, as in ``bench_attention.py``). Each method
-runs at ``--threshold`` without a budget and again with each ``--max-density`` budget. A row
+(``name[:field=value,...]``, as in ``bench_attention.py``) runs at ``--threshold`` without a
+budget and again with each ``--max-density`` budget. A row
 times ``out = attention(q, k, v); out.backward(dout)`` (planning included: it runs in every
 training step) as the CUDA-event median of ``triton.testing.do_bench`` after warm-up
 (compilation happens before timing); ``forward_ms`` is the same call under ``torch.no_grad``.
@@ -9,6 +10,7 @@ Memory is the peak allocated during one forward + backward, inputs and gradients
 
     python benchmarks/bench_training.py                                  # 32K and 128K
     python benchmarks/bench_training.py --lengths 131072 --methods pbs pbs_unpermuted
+    python benchmarks/bench_training.py --methods pbs pbs:key_block_size=128   # blocks the backward tiles as they are
 
 Writes ``--out`` (JSON) and prints a table. Needs CUDA and Triton.
 """
@@ -25,11 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import bench_ms, peak_gib  # noqa: E402
+from bench_attention import bench_ms, method_at, peak_gib  # noqa: E402
 
 from flex_pbs import pbs_attention  # noqa: E402
 from flex_pbs.analysis.workloads import WORKLOADS  # noqa: E402
-from flex_pbs.engine.methods import METHODS, method_config  # noqa: E402
 
 
 def run_length(args, length: int) -> list[dict]:
@@ -41,7 +42,7 @@ def run_length(args, length: int) -> list[dict]:
     configs = {("sdpa", None): None}
     for method in args.methods:
         for budget in (None, *args.max_density):
-            configs[(method, budget)] = method_config(method).replace(threshold=args.threshold, max_density=budget)
+            configs[(method, budget)] = method_at(method, args.threshold).replace(max_density=budget)
     rows = []
     for (method, budget), cfg in configs.items():
         def attend(cfg=cfg):
@@ -76,7 +77,7 @@ def run_length(args, length: int) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--methods", nargs="+", default=["pbs"], choices=[m for m, c in METHODS.items() if c is not None])
+    parser.add_argument("--methods", nargs="+", default=["pbs"], help="name[:field=value,...]")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--max-density", type=float, nargs="*", default=[0.05, 0.10])
     parser.add_argument("--workload", default="scattered", choices=[w for w in WORKLOADS if w != "captured"])
@@ -86,6 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_training.json")
     args = parser.parse_args(argv)
+    for method in args.methods:  # a wrong name or field fails before any GPU work
+        method_at(method, args.threshold)
     if not torch.cuda.is_available():
         sys.exit("bench_training.py needs a CUDA device (FlexAttention has no backward on CPU)")
     print(f"{'length':>7} {'method':<16} {'budget':>6} {'density':>7} {'fwd+bwd ms':>10} {'fwd ms':>9} {'x SDPA':>7} {'peak GiB':>7}")

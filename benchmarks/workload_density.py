@@ -29,7 +29,7 @@ import torch
 # The repository (flex_pbs) and this folder (bench_attention's method syntax).
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from bench_attention import parse_method
+from bench_attention import method_at
 
 from flex_pbs import PBSConfig, build_plan
 from flex_pbs.analysis.metrics import attention_recall, sample_query_blocks
@@ -40,19 +40,10 @@ from flex_pbs.analysis.workloads import (
     captured_qkv,
     captured_shape,
 )
-from flex_pbs.engine.methods import method_config
 
 DEFAULT_METHODS = ("pbs", "pbs_fast", "xattention", "pbs_antidiagonal", "pbs:scoring=oracle",
                    "pbs_antidiagonal:scoring=oracle")
 COLUMNS = ("family", "L", "method", "density", "recall", "recall_min_head", "permuted_heads", "plan_s")
-
-
-def method_at(method: str, threshold: float) -> PBSConfig:
-    """The config of ``name[:field=value,...]`` at ``threshold`` (a method's own fields win)."""
-    name, fields = parse_method(method)
-    if name == "dense":
-        raise SystemExit("'dense' computes every block (density 1, recall 1); name a PBS method")
-    return method_config(name, **{"threshold": threshold, **fields})
 
 
 def family_inputs(family: str, length: int, args) -> tuple[torch.Tensor, torch.Tensor]:

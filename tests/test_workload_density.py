@@ -54,6 +54,8 @@ def test_default_methods_parse_at_the_threshold():
     assert configs["pbs_antidiagonal:scoring=oracle"].permute == "key"
     with pytest.raises(SystemExit, match="'dense' computes every block"):
         workload_density.method_at("dense", 0.9)
+    with pytest.raises(SystemExit, match="pbs:bogus=1: unknown PBSConfig key"):
+        workload_density.method_at("pbs:bogus=1", 0.9)
 
 
 def test_missing_captured_file_says_how_to_create_it(tmp_path, capsys):
