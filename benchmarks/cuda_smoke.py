@@ -32,6 +32,10 @@ from flex_pbs import PBSConfig, build_plan, pbs_attention  # noqa: E402
 from flex_pbs.analysis.synthetic import planted_qkv  # noqa: E402
 from flex_pbs.engine.methods import METHODS  # noqa: E402
 
+# Where the checks run. The script needs CUDA; tests/test_cuda_smoke.py runs some checks on the
+# CPU so that a check that no longer fits the engine fails in CI, not on a lent GPU.
+DEVICE = torch.device("cuda")
+
 # Error allowed beyond twice SDPA's own (against a float64 reference), about a unit roundoff
 # of the dtype: reductions in a different order may differ by that much, a wrong key not.
 ERROR_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
@@ -44,7 +48,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def exact_vs_sdpa(head_dim: int, length: int, backend: str, block_size: int = 128, key_block_size: int | None = None) -> dict:
     """threshold 1.0 (every causal block) against SDPA, both bf16, against an fp32 reference."""
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=0)
-    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    q, k, v = (t.to(DEVICE).bfloat16() for t in (q, k, v))
     config = PBSConfig(threshold=1.0, backend=backend, block_size=block_size, key_block_size=key_block_size)
     out = pbs_attention(q, k, v, config)
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -68,7 +72,7 @@ def method_matrix(method: str, dtype: torch.dtype, head_dim: int, length: int, *
     """One named method on one dtype, head dim and length: finite; exact at threshold 1.0;
     equal to exact attention restricted to its plan at its own threshold."""
     q, k, v = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=6,
-                          dtype=dtype, device="cuda")
+                          dtype=dtype, device=DEVICE)
     cfg = METHODS[method].replace(**overrides)
     out, plan = pbs_attention(q, k, v, cfg, return_plan=True)
     exact = matches(pbs_attention(q, k, v, cfg.replace(threshold=1.0)), q, k, v, None)
@@ -88,7 +92,7 @@ def guard_diagnosis(length: int = 4096) -> dict:
     from flex_pbs.engine.permute import permute_keys
 
     q, k, v = planted_qkv(batch=1, q_heads=32, kv_heads=8, seq_len=length, head_dim=128, seed=0,
-                          dtype=torch.bfloat16, device="cuda")
+                          dtype=torch.bfloat16, device=DEVICE)
     out, plan = pbs_attention(q, k, v, METHODS["pbs_antidiagonal"], return_plan=True)
     k_perm, v_perm = permute_keys(k, plan.key_order), permute_keys(v, plan.key_order)
     unguarded = flex_attend(q, k_perm, v_perm, plan.flex_mask, 128**-0.5, keys_in_order=True)
@@ -96,9 +100,9 @@ def guard_diagnosis(length: int = 4096) -> dict:
     layout = plan.layout
     first_block = plan.flex_mask.kv_indices[:, :, : layout.num_q_blocks, 0].long()
     order = plan.key_order.repeat_interleave(4, dim=1)
-    slots = first_block[..., None] * layout.kv_block + torch.arange(layout.kv_block, device="cuda")
+    slots = first_block[..., None] * layout.kv_block + torch.arange(layout.kv_block, device=DEVICE)
     first_key = order.gather(-1, slots.flatten(2)).view(slots.shape).amin(-1)
-    unsafe = first_key.repeat_interleave(layout.block_size, dim=2) > torch.arange(length, device="cuda")
+    unsafe = first_key.repeat_interleave(layout.block_size, dim=2) > torch.arange(length, device=DEVICE)
     return {"check": f"guard diagnosis pbs_antidiagonal bf16 L={length}", "nan_rows_unguarded": int(nan_rows.sum()),
             "first_tile_unsafe_rows": int(unsafe.sum()), "same_rows": bool(torch.equal(nan_rows, unsafe)),
             "first_nan_rows": nan_rows[0, 0].nonzero().flatten()[:6].tolist(),
@@ -108,10 +112,10 @@ def guard_diagnosis(length: int = 4096) -> dict:
 def chunked_exact(length: int, q_len: int) -> dict:
     """threshold 1.0 with the queries at the end of the keys (chunked prefill), ragged lengths."""
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=2)
-    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    q, k, v = (t.to(DEVICE).bfloat16() for t in (q, k, v))
     q = q[:, :, -q_len:]
     out = pbs_attention(q, k, v, PBSConfig(threshold=1.0), q_offset=length - q_len)
-    visible = torch.arange(length, device="cuda")[None, :] <= torch.arange(length - q_len, length, device="cuda")[:, None]
+    visible = torch.arange(length, device=DEVICE)[None, :] <= torch.arange(length - q_len, length, device=DEVICE)[:, None]
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible, enable_gqa=True)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
     err, sdpa_err = rel_error(out, ref), rel_error(sdpa, ref)
@@ -125,7 +129,7 @@ def fp8_scoring(length: int, peak_weight: float = 0.0) -> dict:
     from flex_pbs.engine.kernels.antidiagonal import _abs_max, _to_fp8, _to_fp8_slots
 
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=3)
-    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    q, k = q.to(DEVICE).bfloat16(), k.to(DEVICE).bfloat16()
     amax = _abs_max(k).reshape(1)
     cast_equal = torch.equal(_to_fp8(k, amax).view(torch.uint8),
                              (k.float() * (240.0 / amax)).to(torch.float8_e4m3fn).view(torch.uint8))
@@ -155,7 +159,7 @@ def shared_index_buffer(length: int, **config: object) -> dict:
     from flex_pbs.engine.permute import permute_keys
 
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=4)
-    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    q, k, v = (t.to(DEVICE).bfloat16() for t in (q, k, v))
     cfg = PBSConfig(threshold=0.9, **config)
     plan = build_plan(q, k, cfg)
     permuted = cfg.permute != "none"
@@ -172,7 +176,7 @@ def shared_index_buffer(length: int, **config: object) -> dict:
 
 def fused_vs_torch_plan(length: int, **config: object) -> dict:
     q, k, _ = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=1)
-    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    q, k = q.to(DEVICE).bfloat16(), k.to(DEVICE).bfloat16()
     cfg = PBSConfig(threshold=0.9, **config)
     fused, plain = build_plan(q, k, cfg.replace(backend="triton")), build_plan(q, k, cfg.replace(backend="torch"))
     differ = float((fused.block_mask != plain.block_mask).float().mean())
@@ -189,7 +193,7 @@ def fused_scores_vs_torch(dtype: torch.dtype, peak_weight: float = 0.0, block_si
     from flex_pbs.engine.score import antidiagonal_block_scores
 
     q, k, _ = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=9003, head_dim=128, seed=5)
-    q, k = q[:, :, -5001:].cuda().to(dtype), k.cuda().to(dtype)
+    q, k = q[:, :, -5001:].to(DEVICE).to(dtype), k.to(DEVICE).to(dtype)
     offset = k.shape[2] - q.shape[2]
     order = segment_key_order(key_importance(q.float(), k.float(), block_size, 128**-0.5, offset), 2 * block_size)
     k_perm = permute_keys(k, order)
@@ -211,7 +215,7 @@ def no_host_sync(length: int = 8192) -> dict:
     from flex_pbs.integrations.transformers import registration
 
     q, k, v = planted_qkv(batch=1, q_heads=8, kv_heads=2, seq_len=length, head_dim=128, seed=2)
-    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    q, k, v = (t.to(DEVICE).bfloat16() for t in (q, k, v))
     layer = torch.nn.Module()
     layer.layer_idx, layer.is_causal = 0, True
     flex_pbs.register(PBSConfig(), collect_stats=True, overwrite=True)
@@ -245,13 +249,13 @@ def gradients(method: str, dtype: torch.dtype, head_dim: int, length: int, q_len
     (``plan.token_mask()``) in float64, within twice the error of the same SDPA reference run in
     the input dtype plus :data:`ERROR_FLOOR`; finite; and the no-grad forward meets the same bound."""
     q, k, v = planted_qkv(batch=2, q_heads=8, kv_heads=2, seq_len=length, head_dim=head_dim, seed=7,
-                          dtype=dtype, device="cuda")
+                          dtype=dtype, device=DEVICE)
     q = q[:, :, length - (q_len or length):]
     offset = length - q.shape[2]
     cfg = METHODS[method].replace(**overrides)
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     out, plan = pbs_attention(*inputs, cfg, q_offset=offset, return_plan=True)
-    weights = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    weights = torch.randn(out.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     (out.float() * weights).sum().backward()
     mask = plan.token_mask()
 
@@ -281,7 +285,7 @@ def training(length: int = 2048, steps: int = 4) -> dict:
     import flex_pbs
     from flex_pbs.runner.models import random_model, tiny_config
 
-    ids = torch.randint(0, 1024, (2, length), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(0, 1024, (2, length), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     def step(model, checkpointing=False):
         model.train()
@@ -291,12 +295,12 @@ def training(length: int = 2048, steps: int = 4) -> dict:
         loss.backward()
         return loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
-    ref_loss, ref_grads = step(random_model(tiny_config("llama"), "sdpa", seed=1).cuda())
+    ref_loss, ref_grads = step(random_model(tiny_config("llama"), "sdpa", seed=1).to(DEVICE))
     flex_pbs.register(PBSConfig(threshold=1.0), collect_stats=True, overwrite=True)
-    loss, grads = step(random_model(tiny_config("llama"), "flex_pbs", seed=1).cuda())
+    loss, grads = step(random_model(tiny_config("llama"), "flex_pbs", seed=1).to(DEVICE))
     worst = max(rel_error(grads[name], grad) for name, grad in ref_grads.items())
     flex_pbs.register(PBSConfig(threshold=0.9), collect_stats=True, overwrite=True)
-    model = random_model(tiny_config("llama"), "flex_pbs", seed=1).cuda()
+    model = random_model(tiny_config("llama"), "flex_pbs", seed=1).to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses, finite = [], True
     for _ in range(steps):
