@@ -266,7 +266,7 @@ def test_non_finite_entries_are_found_in_every_chunk_of_rows(monkeypatch):
     are 2.5x a 16-bit input): entries on the first and last row of a chunk still make NaN rows."""
     import flex_pbs.engine.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_RESTRICTED_CHUNK_ELEMENTS", 4 * 64 * 5)  # 5 query rows, 10 key rows
+    monkeypatch.setattr(pipeline, "_CHUNK_ELEMENTS", 4 * 64 * 5)  # 5 query rows, 10 key rows
     q, k, v = planted_qkv(1, 4, 2, 2048, 64, seed=3)
     q[0, 1, 1500] = float("nan")  # first row of a chunk
     q[0, 2, 704, 63] = float("-inf")  # last row of a chunk

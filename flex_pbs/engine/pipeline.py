@@ -172,8 +172,9 @@ def dense_causal_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
 
 
-# Query rows x keys of the token mask held at once by :func:`plan_restricted_attention`.
-_RESTRICTED_CHUNK_ELEMENTS = 1 << 26
+# Elements of a temporary that a chunked pass holds at once: the token mask of
+# :func:`plan_restricted_attention`, the block and finiteness tests of :func:`non_finite_rows`.
+_CHUNK_ELEMENTS = 1 << 26
 
 
 def plan_restricted_attention(
@@ -187,7 +188,7 @@ def plan_restricted_attention(
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` in the caller's key order.
     """
     batch, q_heads, q_len, _ = q.shape
-    rows = max(1, _RESTRICTED_CHUNK_ELEMENTS // max(1, batch * q_heads * k.shape[2]))
+    rows = max(1, _CHUNK_ELEMENTS // max(1, batch * q_heads * k.shape[2]))
     gqa = q_heads != k.shape[1]
     chunks = [
         F.scaled_dot_product_attention(
@@ -203,7 +204,7 @@ def _non_finite_vectors(x: torch.Tensor) -> torch.Tensor:
     """``~isfinite(x).all(-1)``: bool ``[B, H, L]`` for ``x: [B, H, L, D]``, a chunk of rows at a
     time: ``isfinite`` holds an ``|x|`` copy and three bool masks, 2.5x a 16-bit input (2.5 GiB
     for 128K queries, 32 heads, head_dim 128, measured on an H200)."""
-    rows = max(1, _RESTRICTED_CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[1] * x.shape[3]))
+    rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[1] * x.shape[3]))
     return torch.cat([~torch.isfinite(part).all(dim=-1) for part in x.split(rows, dim=2)], dim=2)
 
 
@@ -226,7 +227,7 @@ def non_finite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PBS
     bad_block = bad_block.view(*bad_block.shape[:2], layout.num_kv_blocks, layout.kv_block).any(-1)
     bad_block = bad_block.repeat_interleave(group, dim=1)[:, :, None, :]  # [B, Hq, 1, nK]
     outside_diagonal = ~layout.diagonal_blocks(q.device)
-    chunk = max(1, _RESTRICTED_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * layout.num_kv_blocks))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * layout.num_kv_blocks))
     full_hit = torch.cat([  # query blocks in chunks: no [B, Hq, nQ, nK] temporary at long lengths
         (plan.block_mask[:, :, start : start + chunk] & bad_block & outside_diagonal[start : start + chunk]).any(-1)
         for start in range(0, layout.num_q_blocks, chunk)
