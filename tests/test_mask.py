@@ -73,8 +73,9 @@ def test_budgeted_lists_are_widened_on_cpu_only():
 @pytest.mark.parametrize("permute", ["none", "key"])
 @pytest.mark.parametrize("q_len", [1900, 700])
 def test_differentiable_mask_attends_exactly_the_plan_on_blocks_the_backward_can_tile(block_size, key_block_size, segment_size, permute, q_len):
-    """The gradient path's mask merges blocks up to multiples of 128 (FlexAttention's backward
-    tiles must divide them) and still computes exactly the plan's keys: its forward equals
+    """The gradient path's mask has blocks of multiples of 128 (FlexAttention's backward tiles
+    must divide them: key slots for 128 x 64, merged blocks otherwise) and still computes
+    exactly the plan's keys: its forward equals
     exact attention restricted to the plan (fp32, about 1e-6 apart), ragged lengths and a
     query offset included; it carries the query-block indices the backward walks."""
     from flex_pbs import PBSConfig, pbs_attention
@@ -91,9 +92,39 @@ def test_differentiable_mask_attends_exactly_the_plan_on_blocks_the_backward_can
         _, plan = pbs_attention(q, k, v, cfg, q_offset=offset, return_plan=True)
         assert plan.density < 1
         permuted = permute != "none"
-        mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
+        gradient_mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
+        mask, slots = gradient_mask.block_mask, gradient_mask.key_slots
         assert all(size % GRADIENT_BLOCK == 0 for size in mask.BLOCK_SIZE) and mask.q_indices is not None
-        k_in, v_in = (permute_keys(t, plan.key_order) if permuted else t for t in (k, v))
-        out = flex_attend(q, k_in, v_in, mask, 64**-0.5, keys_in_order=not permuted)
+        k_in, v_in = (t if slots is None else permute_keys(t, slots.expand(1, 2, -1)) for t in (k, v))
+        out = flex_attend(q, k_in, v_in, mask, 64**-0.5)
         expected = plan_restricted_attention(q, k, v, plan, 64**-0.5)
     assert (out - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("permute", ["none", "key"])
+def test_default_blocks_train_on_key_slots_one_tile_per_selected_block_without_a_selection_lookup(permute):
+    """128 x 64 blocks (the default) become 128 x 128 tiles over two copies of the keys, each
+    copy showing one 64-key half of every tile: one tile per selected block, no tile-sized
+    gather of the selection, every slot holding the key of its position in the layout and
+    the hidden half's slots visible to no query."""
+    from flex_pbs import PBSConfig, pbs_attention
+    from flex_pbs.analysis.synthetic import planted_qkv
+
+    q, k, v = planted_qkv(1, 4, 2, 1900, 64, seed=3)
+    cfg = PBSConfig(threshold=0.8, block_size=128, key_block_size=64, segment_size=256, permute=permute, stride=16)
+    with torch.no_grad():
+        _, plan = pbs_attention(q, k, v, cfg, return_plan=True)
+    permuted = permute != "none"
+    gradient_mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
+    mask, slots = gradient_mask.block_mask, gradient_mask.key_slots
+    assert not gradient_mask.reads_selection and tuple(mask.BLOCK_SIZE) == (128, 128)
+    assert mask.full_kv_num_blocks is None or int(mask.full_kv_num_blocks.sum()) == 0
+    assert int(mask.kv_num_blocks.sum()) == int(plan.block_mask.sum())  # one tile per selected block
+    padded_len = 15 * 128  # 30 key blocks of 64 in 15 tiles per copy
+    assert slots.shape[-1] == 2 * padded_len
+    order = plan.key_order if permuted else torch.arange(1900).expand(1, 2, -1)
+    for copy in (0, 1):
+        assert torch.equal(slots.expand(1, 2, -1)[..., copy * padded_len:copy * padded_len + 1900], order)
+    tokens = create_mask(mask.mask_mod, 1, 4, 1900, 2 * padded_len, device="cpu")[0]
+    hidden = (torch.arange(2 * padded_len) // 64 % 2) != (torch.arange(2 * padded_len) // padded_len)
+    assert not tokens[..., hidden].any()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,22 +101,44 @@ def build_flex_mask(
 # FlexAttention's backward on CUDA tiles a mask's blocks with up to 128 query and 128 key rows
 # (torch's default configs: 64 x 128 and 128 x 64 tiles on an H100 at head_dim <= 128) and
 # offers no kernel whose tiles do not divide the blocks. Gradients therefore run on blocks of
-# a multiple of 128 x 128, merged from the plan's smaller ones.
+# a multiple of 128 x 128.
 GRADIENT_BLOCK = 128
+
+
+class GradientMask(NamedTuple):
+    """What the differentiable attention call runs on.
+
+    Attributes:
+        block_mask: blocks of multiples of :data:`GRADIENT_BLOCK`, with query-block indices.
+        key_slots: long ``[B, Hkv, S]`` (or ``[1, 1, S]``, the same for every batch entry and
+            head), the input key (index into the unpermuted ``k``) each of the kernel's ``S``
+            key slots holds; None: the kernel reads ``k`` as given.
+        reads_selection: the mask_mod looks the selection up per token (a tile-sized gather).
+    """
+
+    block_mask: BlockMask
+    key_slots: torch.Tensor | None
+    reads_selection: bool
 
 
 def differentiable_flex_mask(
     selected: torch.Tensor, key_order: torch.Tensor | None, layout: BlockLayout
-) -> BlockMask:
-    """The plan's selection as a BlockMask that FlexAttention can differentiate on CUDA.
+) -> GradientMask:
+    """The plan's selection in a form that FlexAttention can differentiate on CUDA.
 
-    Blocks are merged up to a multiple of :data:`GRADIENT_BLOCK` in each dimension (the
-    backward's tiles must divide them) and the mask carries the query-block indices the
-    backward walks. A merged block is full where every block in it is selected and none is
-    in a diagonal segment; a merged block with only some of its blocks selected is partial,
-    and its mask_mod keeps exactly the selected blocks' causal keys, so the result is the
-    plan's attention, token for token. Without merging (blocks already 128-multiples) the mask
-    is the inference mask plus query-block indices.
+    Three layouts, each computing exactly the plan's attention, token for token:
+
+    * Blocks already multiples of 128 x 128: the inference mask plus query-block indices.
+    * Query blocks of 128 and half as many keys (the default 128 x 64): *key slots*. The keys
+      are laid out twice; copy ``r`` shows only the ``r``-th 64-key half of every 128-key tile
+      (the other half's slots get a position no query sees), so a selected 64-key block is one
+      128 x 128 tile of copy ``r``, and the mask_mod stays the one-gather causal check of the
+      permuted inference mask. It costs a second copy of K and V; on an H100 at 128K forward +
+      backward ran 2.4x faster than merging with a per-token lookup of the selection (362
+      against 855 ms at density 0.10: nearly every merged tile held one selected half).
+    * Other geometries: blocks merged up to multiples of 128 in each dimension; a merged block
+      is full where every block in it is selected and none is in a diagonal segment, and a
+      partial one's mask_mod looks the selection up per token.
 
     Args:
         selected: bool ``[B, Hq, nQ, nK]``, the plan's computed blocks (``plan.block_mask``).
@@ -125,6 +148,8 @@ def differentiable_flex_mask(
     q_block, kv_block = layout.block_size, layout.kv_block
     q_factor = math.lcm(q_block, GRADIENT_BLOCK) // q_block
     kv_factor = math.lcm(kv_block, GRADIENT_BLOCK) // kv_block
+    if q_factor == 1 and kv_factor == 2:
+        return _key_slot_mask(selected, key_order, layout)
     batch, q_heads, n_q, n_kv = selected.shape
     merged_q, merged_kv = cdiv(n_q, q_factor), cdiv(n_kv, kv_factor)
     padding = (0, merged_kv * kv_factor - n_kv, 0, merged_q * q_factor - n_q)
@@ -142,13 +167,40 @@ def differentiable_flex_mask(
         def mask_mod(b, h, q_idx, kv_idx):
             return causal(b, h, q_idx, kv_idx) & padded[b, h, q_idx // q_block, kv_idx // kv_block]
 
-    return BlockMask.from_kv_blocks(
+    block_mask = BlockMask.from_kv_blocks(
         *block_indices(partial),
         *block_indices(full),
         BLOCK_SIZE=(q_block * q_factor, kv_block * kv_factor),
         mask_mod=mask_mod,
         seq_lengths=(layout.q_len, layout.kv_len),
     )
+    return GradientMask(block_mask, key_order, reads_selection=kv_factor * q_factor > 1)
+
+
+def _key_slot_mask(selected: torch.Tensor, key_order: torch.Tensor | None, layout: BlockLayout) -> GradientMask:
+    """:func:`differentiable_flex_mask` for 128-query x 64-key blocks, through two copies of the keys."""
+    batch, q_heads, n_q, n_kv = selected.shape
+    tile = 2 * layout.kv_block
+    n_tiles = cdiv(n_kv, 2)
+    padded_len = n_tiles * tile
+    if key_order is None:  # one order serves every batch entry and head
+        key_order = torch.arange(layout.kv_len, device=selected.device).view(1, 1, -1)
+    # Each padding slot holds key 0, at a position no query sees.
+    slots = F.pad(key_order, (0, padded_len - layout.kv_len))
+    positions = F.pad(key_order, (0, padded_len - layout.kv_len), value=PAST_ANY_QUERY)
+    half = torch.arange(padded_len, device=selected.device) // layout.kv_block % 2
+    copies = [positions.masked_fill(half != r, PAST_ANY_QUERY) for r in (0, 1)]
+    # Selected block 2j + r of a query block is tile j of copy r: tile r * n_tiles + j.
+    by_copy = F.pad(selected, (0, 2 * n_tiles - n_kv)).view(batch, q_heads, n_q, n_tiles, 2)
+    tiles = torch.cat([by_copy[..., 0], by_copy[..., 1]], dim=-1)
+    causal = _causal_mask_mod(torch.cat(copies, dim=-1), layout, 2 * padded_len, q_heads, selected.device)
+    block_mask = BlockMask.from_kv_blocks(
+        *block_indices(tiles),
+        BLOCK_SIZE=(layout.block_size, tile),
+        mask_mod=causal,
+        seq_lengths=(layout.q_len, 2 * padded_len),
+    )
+    return GradientMask(block_mask, torch.cat([slots, slots], dim=-1), reads_selection=False)
 
 
 def _causal_mask_mod(key_order: torch.Tensor | None, layout: BlockLayout, kv_len: int, q_heads: int, device: torch.device):
@@ -164,7 +216,7 @@ def _causal_mask_mod(key_order: torch.Tensor | None, layout: BlockLayout, kv_len
 
         return original_position_causal
     # Shifting by the query offset lets the mask_mod compare with the local query index.
-    shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - layout.kv_len), value=PAST_ANY_QUERY)
+    shifted_order = F.pad(key_order - layout.q_offset, (0, kv_len - key_order.shape[-1]), value=PAST_ANY_QUERY)
     if shifted_order.device.type == "cpu":
         torch._dynamo.maybe_mark_dynamic(shifted_order, 0)
     group = q_heads // key_order.shape[1]

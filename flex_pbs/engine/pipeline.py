@@ -271,8 +271,8 @@ def _differentiable_attention(
     """PBS attention that autograd differentiates with respect to ``q``, ``k`` and ``v``: the
     plan (importance, permutation, scores, selection) is made without grad, and no gradient
     flows into which blocks are chosen; attention over the chosen keys is differentiable. On
-    CUDA through FlexAttention's backward (the gather into the permuted layout is
-    differentiable; the mask's blocks merged to what the backward can tile); on CPU, where
+    CUDA through FlexAttention's backward (the gather of the keys into the kernel's layout is
+    differentiable; the mask's blocks are ones the backward can tile); on CPU, where
     FlexAttention has no backward, as exact attention restricted to the plan."""
     sparse = not (config.is_dense_for(k.shape[2]) or _empty(q, k))
     if sparse and not q.is_cuda and k.shape[2] > CPU_GRAD_MAX_KEYS:
@@ -290,11 +290,14 @@ def _differentiable_attention(
     permuted = config.permute != "none"
     with torch.no_grad():
         mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
-    k_perm, v_perm = (permute_keys(t, plan.key_order) if permuted else t for t in (k, v))  # differentiable
-    merged = tuple(mask.BLOCK_SIZE) != (plan.layout.block_size, plan.layout.kv_block)  # mask_mod reads the selection
-    # Keeps the fully-masked-row guard: a merged block may hold no key some of its rows see.
-    options = default_kernel_options(q, mask, backward=True, mask_gathers=merged)
-    out = flex_attend(q, k_perm, v_perm, mask, scale, kernel_options=options)
+    if mask.key_slots is None:
+        k_in, v_in = k, v
+    else:  # differentiable: the gather's backward sums each key's gradient over its slots
+        slots = mask.key_slots.expand(k.shape[0], k.shape[1], -1)
+        k_in, v_in = permute_keys(k, slots), permute_keys(v, slots)
+    # Keeps the fully-masked-row guard: a block may hold no key some of its rows see.
+    options = default_kernel_options(q, mask.block_mask, backward=True, mask_gathers=mask.reads_selection)
+    out = flex_attend(q, k_in, v_in, mask.block_mask, scale, kernel_options=options)
     return out.masked_fill(non_finite_rows(q, k, v, plan), float("nan")), plan
 
 
