@@ -102,11 +102,12 @@ def test_differentiable_mask_attends_exactly_the_plan_on_blocks_the_backward_can
 
 
 @pytest.mark.parametrize("permute", ["none", "key"])
-def test_default_blocks_train_on_key_slots_one_tile_per_selected_block_without_a_selection_lookup(permute):
-    """128 x 64 blocks (the default) become 128 x 128 tiles over two copies of the keys, each
-    copy showing one 64-key half of every tile: one tile per selected block, no tile-sized
-    gather of the selection, every slot holding the key of its position in the layout and
-    the hidden half's slots visible to no query."""
+def test_default_blocks_train_on_paired_key_slots_without_a_selection_lookup(permute):
+    """128 x 64 blocks (the default) become 128 x 128 tiles of paired key blocks over three
+    copies of the keys (both halves shown, the first only, the second only): no tile-sized
+    gather of the selection, at most one tile per selected block and fewer where a row selects
+    both blocks of a pair, every key once in each copy, a hidden half visible to no query, and
+    full tiles only in the copy that shows both halves."""
     from flex_pbs import PBSConfig, pbs_attention
     from flex_pbs.analysis.synthetic import planted_qkv
 
@@ -118,13 +119,18 @@ def test_default_blocks_train_on_key_slots_one_tile_per_selected_block_without_a
     gradient_mask = differentiable_flex_mask(plan.block_mask, plan.key_order if permuted else None, plan.layout)
     mask, slots = gradient_mask.block_mask, gradient_mask.key_slots
     assert not gradient_mask.reads_selection and tuple(mask.BLOCK_SIZE) == (128, 128)
-    assert mask.full_kv_num_blocks is None or int(mask.full_kv_num_blocks.sum()) == 0
-    assert int(mask.kv_num_blocks.sum()) == int(plan.block_mask.sum())  # one tile per selected block
-    padded_len = 15 * 128  # 30 key blocks of 64 in 15 tiles per copy
-    assert slots.shape[-1] == 2 * padded_len
-    order = plan.key_order if permuted else torch.arange(1900).expand(1, 2, -1)
-    for copy in (0, 1):
-        assert torch.equal(slots.expand(1, 2, -1)[..., copy * padded_len:copy * padded_len + 1900], order)
-    tokens = create_mask(mask.mask_mod, 1, 4, 1900, 2 * padded_len, device="cpu")[0]
-    hidden = (torch.arange(2 * padded_len) // 64 % 2) != (torch.arange(2 * padded_len) // padded_len)
+    copy_len = 15 * 128  # 30 key blocks of 64 in 15 pairs
+    assert slots.shape[-1] == mask.seq_lengths[1] == 3 * copy_len
+    tiles = int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
+    assert int(plan.block_mask.sum()) / 2 <= tiles < int(plan.block_mask.sum())
+    listed = torch.arange(mask.full_kv_indices.shape[-1]) < mask.full_kv_num_blocks[..., None]
+    assert (mask.full_kv_indices[listed] < 15).all()  # full tiles only in the first copy
+    copies = slots.expand(1, 2, -1).view(1, 2, 3, copy_len)
+    assert torch.equal(copies[:, :, 0], copies[:, :, 1]) and torch.equal(copies[:, :, 0], copies[:, :, 2])
+    counts = torch.stack([torch.bincount(copies[0, head, 0], minlength=1900) for head in range(2)])
+    assert (counts[:, 1:] == 1).all() and (counts[:, 0] == 1 + copy_len - 1900).all()  # key 0 also fills padding
+    tokens = create_mask(mask.mask_mod, 1, 4, 1900, 3 * copy_len, device="cpu")[0]
+    half = torch.arange(3 * copy_len) // 64 % 2
+    copy = torch.arange(3 * copy_len) // copy_len
+    hidden = ((copy == 1) & (half == 1)) | ((copy == 2) & (half == 0))
     assert not tokens[..., hidden].any()
