@@ -152,7 +152,7 @@ def differentiable_flex_mask(
     q_factor = math.lcm(q_block, GRADIENT_BLOCK) // q_block
     kv_factor = math.lcm(kv_block, GRADIENT_BLOCK) // kv_block
     if q_factor == 1 and kv_factor == 2:
-        return _key_slot_mask(selected, key_order, layout)
+        return _paired_key_slot_mask(selected, key_order, layout)
     batch, q_heads, n_q, n_kv = selected.shape
     merged_q, merged_kv = cdiv(n_q, q_factor), cdiv(n_kv, kv_factor)
     padding = (0, merged_kv * kv_factor - n_kv, 0, merged_q * q_factor - n_q)
@@ -180,7 +180,7 @@ def differentiable_flex_mask(
     return GradientMask(block_mask, key_order, reads_selection=kv_factor * q_factor > 1)
 
 
-def _key_slot_mask(selected: torch.Tensor, key_order: torch.Tensor | None, layout: BlockLayout) -> GradientMask:
+def _paired_key_slot_mask(selected: torch.Tensor, key_order: torch.Tensor | None, layout: BlockLayout) -> GradientMask:
     """:func:`differentiable_flex_mask` for 128-query x 64-key blocks: pairs of key blocks as
     128-key tiles, laid out three times (both halves shown; the first only; the second only)."""
     batch, q_heads, n_q, n_kv = selected.shape
@@ -209,10 +209,10 @@ def _key_slot_mask(selected: torch.Tensor, key_order: torch.Tensor | None, layou
     offsets = torch.arange(tile, device=device)
     blocks = pairing.view(batch, kv_heads, n_pairs, 2)[..., offsets // kv_block]
     layout_index = (blocks * kv_block + offsets % kv_block).view(batch, kv_heads, n_pairs * tile)
-    key_order = key_order.expand(batch, kv_heads, -1)
-    pad = 2 * n_pairs * kv_block - layout.kv_len  # padding slots hold key 0, at a position no query sees
-    slots = F.pad(key_order, (0, pad)).gather(2, layout_index)
-    positions = F.pad(key_order, (0, pad), value=PAST_ANY_QUERY).gather(2, layout_index)
+    # A key's index in the unpermuted k is its original position; padding slots hold key 0 at a
+    # position no query sees.
+    slots = F.pad(key_order.expand(batch, kv_heads, -1), (0, 2 * n_pairs * kv_block - layout.kv_len)).gather(2, layout_index)
+    positions = slots.masked_fill(layout_index >= layout.kv_len, PAST_ANY_QUERY)
     half = (offsets // kv_block).repeat(n_pairs)
     copies = [positions, positions.masked_fill(half != 0, PAST_ANY_QUERY), positions.masked_fill(half != 1, PAST_ANY_QUERY)]
     causal = _causal_mask_mod(torch.cat(copies, dim=-1), layout, 3 * n_pairs * tile, q_heads, device)
